@@ -1,0 +1,3 @@
+"""ONNX export and optimization pipeline for transformer models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,37 @@
+"""Error types and the exit codes they map to.
+
+Every failure the user can act on is one of these, with a one-line message that names the file,
+field or value at fault. The CLI turns them into exit codes; nothing else prints tracebacks.
+"""
+
+
+class PipelineError(Exception):
+    """Base class: a failure with a clear, one-line message."""
+
+    exit_code = 1
+
+
+class RecipeError(PipelineError):
+    """Bad input: recipe, paths, model, data. Exit code 2; nothing was written."""
+
+    exit_code = 2
+
+
+class InputError(RecipeError):
+    """Bad input found while running (a missing model folder, empty data, a corrupt file)."""
+
+
+class StageError(PipelineError):
+    """A stage failed while running. Exit code 1; its output folder was not published."""
+
+    exit_code = 1
+
+
+class ParityError(StageError):
+    """ONNX outputs differ from the reference beyond the tolerance: the model is not published."""
+
+
+class GateFailure(PipelineError):
+    """A CI gate failed. Exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,1 @@
+"""One module per stage. Each registers itself with `pipeline.registry.stage`."""
