@@ -194,7 +194,7 @@ def _parse_steps(variant: str, steps: Any) -> list[dict[str, Any]]:
         try:
             config = spec.config_cls.model_validate(raw)
         except ValidationError as err:
-            raise ValueError(f"{where}.{name}: {_first_error(err)}") from None
+            raise ValueError(f"{where}.{name}.{_first_error(err)}") from None
         parsed.append({"stage": name, "config": config.model_dump(mode="json", by_alias=True)})
     return parsed
 
@@ -245,7 +245,10 @@ def recipe_from_dict(document: Any, source: str = "<recipe>") -> Recipe:
         loc = ".".join(str(p) for p in first["loc"] if p != "validate_") or "(top level)"
         if first["loc"] and first["loc"][0] == "validate_":
             loc = "validate" + loc.removeprefix("validate")
-        raise RecipeError(f"{source}: {loc}: {_describe(first)}") from None
+        described = _describe(first)
+        if described.startswith(f"{loc}.") or (loc == "(top level)" and described.startswith("variants")):
+            raise RecipeError(f"{source}: {described}") from None  # the message carries its own path
+        raise RecipeError(f"{source}: {loc}: {described}") from None
     except RecipeError as err:  # raised by the stage registry while parsing steps
         raise RecipeError(f"{source}: {err}") from None
 

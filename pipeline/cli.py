@@ -1,0 +1,88 @@
+"""Command line: python -m pipeline run|check|list|verify|gate ...
+
+Exit codes: 0 ok, 1 stage failure, 2 bad input (recipe, paths, model, data), 3 gate failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError, RecipeError
+
+log = logging.getLogger("pipeline")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe's stages (cached) and write its outputs")
+    run.add_argument("recipe", type=Path, help="recipe YAML file")
+    run.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
+    run.add_argument("--until", metavar="STAGE", help="stop each variant after this stage")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe field, e.g. --set finetune.epochs=1 (repeatable)")
+    run.add_argument("--exported", type=Path, default=Path("exported"), help="output root folder")
+
+    check = sub.add_parser("check", help="validate recipes; exit 2 on the first invalid one")
+    check.add_argument("recipes", type=Path, nargs="+", help="recipe YAML files")
+
+    sub.add_parser("list", help="list the registered stages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    for noisy in ("transformers", "optimum", "onnxruntime", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return _COMMANDS[args.command](args)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import Runner
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = Runner(recipe, exported=args.exported, force=args.force, until=args.until).run()
+    log.info(
+        "recipe %s: %d stage(s) ran, %d cached; outputs in %s",
+        recipe.name, len(result.ran), len(result.cached), result.plan.root,
+    )
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from pipeline.recipe import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"ok: {path} ({recipe.name}: {recipe.model.task}, variants {', '.join(recipe.variants)})")
+    return 2 if failed else 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from pipeline.registry import all_stages
+
+    for name, spec in sorted(all_stages().items()):
+        print(f"{name:10s} {spec.consumes}->{spec.produces}  {spec.description}")
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "check": _cmd_check, "list": _cmd_list}

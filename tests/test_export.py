@@ -1,0 +1,53 @@
+"""Export stage: ONNX matches PyTorch on a grid of shapes; a mismatch fails and publishes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import build_tiny_bert, export_only_recipe
+
+from pipeline.errors import InputError, ParityError
+from pipeline.onnx_utils import open_session
+from pipeline.recipe import recipe_from_dict
+from pipeline.runner import Runner
+
+
+@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+def test_export_tasks_have_dynamic_axes(task, tmp_path):
+    model_dir = build_tiny_bert(tmp_path / "m", task=task)
+    document = export_only_recipe(model_dir)
+    document["model"]["task"] = task
+    Runner(recipe_from_dict(document), exported=tmp_path / "out").run()
+    folder = tmp_path / "out" / "tiny" / "fp32" / "export"
+    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    assert metrics["outputs"] == (["logits"] if task == "text-classification" else ["last_hidden_state"])
+    assert [s["seq"] for s in metrics["parity"]["shapes"]] == [8, 37, 64]
+    session = open_session(folder / "model.onnx")
+    # A shape outside the parity grid also runs: batch and sequence axes are dynamic.
+    feeds = {i.name: np.ones((5, 19), dtype=np.int64) for i in session.get_inputs()}
+    assert session.run(None, feeds)[0].shape[0] == 5
+
+
+def test_parity_failure_is_an_error_and_publishes_nothing(tiny_ner_model, tmp_path):
+    document = export_only_recipe(tiny_ner_model)
+    document["export"]["parity"]["atol"] = 1e-12
+    with pytest.raises(ParityError, match=r"export parity .* exceeds atol 1e-12"):
+        Runner(recipe_from_dict(document), exported=tmp_path / "out").run()
+    variant = tmp_path / "out" / "tiny" / "fp32"
+    assert not (variant / "export").exists()
+    assert not list(variant.glob(".tmp-*"))
+
+
+def test_corrupt_onnx_is_a_clear_input_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not onnx")
+    with pytest.raises(InputError, match="ONNX Runtime cannot load this model"):
+        open_session(bad)
+
+
+def test_missing_model_folder_is_input_error(tmp_path):
+    document = export_only_recipe(tmp_path / "does-not-exist")
+    with pytest.raises(InputError, match="does not exist"):
+        Runner(recipe_from_dict(document), exported=tmp_path / "out").run()
