@@ -24,8 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path, help="recipe YAML file")
     run.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
     run.add_argument("--until", metavar="STAGE", help="stop each variant after this stage")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe field, e.g. --set finetune.epochs=1 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set finetune.epochs=1 (repeatable)",
+    )
     run.add_argument("--exported", type=Path, default=Path("exported"), help="output root folder")
 
     check = sub.add_parser("check", help="validate recipes; exit 2 on the first invalid one")
@@ -57,7 +63,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = Runner(recipe, exported=args.exported, force=args.force, until=args.until).run()
     log.info(
         "recipe %s: %d stage(s) ran, %d cached; outputs in %s",
-        recipe.name, len(result.ran), len(result.cached), result.plan.root,
+        recipe.name,
+        len(result.ran),
+        len(result.cached),
+        result.plan.root,
     )
     return 0
 

@@ -11,8 +11,17 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 # Packages whose versions change what a stage produces; they are part of every cache key.
-VERSIONED_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
-                      "onnxruntime-gpu", "onnxscript", "onnx-pipeline")
+VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "onnx-pipeline",
+)
 _CHUNK = 1 << 20
 
 

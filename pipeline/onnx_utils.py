@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +13,11 @@ import numpy as np
 from pipeline.errors import InputError, ParityError
 
 MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+# Protobuf cannot hold more than 2 GB, so bigger models keep their weights in EXTERNAL_DATA_FILE.
+# Every ONNX stage saves through save_onnx so that this flows through the whole pipeline; the
+# environment variable lowers the threshold so tests can exercise the mechanism on tiny models.
+EXTERNAL_DATA_THRESHOLD = int(os.environ.get("PIPELINE_EXTERNAL_DATA_THRESHOLD", 1_800_000_000))
 # Files that are the model itself; everything else in an artifact folder is metadata to carry on.
 _MODEL_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".safetensors", ".bin", ".pt", ".pth")
 _STAGE_FILES = ("manifest.json",)
@@ -23,6 +29,42 @@ def model_file(folder: Path) -> Path:
     if not path.is_file():
         raise InputError(f"{folder}: no {MODEL_FILE} in this folder (expected an ONNX stage output)")
     return path
+
+
+def save_onnx(model: Any, folder: Path, threshold: int | None = None) -> Path:
+    """Save `model` (a ModelProto) as folder/model.onnx, weights external above the threshold."""
+    import onnx
+
+    folder = Path(folder)
+    path = folder / MODEL_FILE
+    for stale in (path, folder / EXTERNAL_DATA_FILE):
+        stale.unlink(missing_ok=True)
+    limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    try:
+        size = model.ByteSize()
+    except ValueError:  # protobuf refuses to size a >2 GB proto: it must be external
+        size = 2**31
+    external = size > limit
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=1024,
+    )
+    return path
+
+
+def normalise_external_data(folder: Path) -> Path:
+    """Re-save folder/model.onnx so its weights follow the pipeline's external-data convention."""
+    import onnx
+
+    path = model_file(folder)
+    model = onnx.load(str(path), load_external_data=True)
+    for extra in Path(folder).glob("*.onnx_data"):
+        extra.unlink()
+    return save_onnx(model, folder)
 
 
 def open_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Any:

@@ -163,7 +163,9 @@ class Recipe(StrictModel):
                     raise ValueError(f"variants.{name}: prune must come before optimize/quantize")
                 seen_onnx = seen_onnx or step.stage != "prune"
         needs_train = self.finetune is not None or any(
-            s.stage == "prune" and s.config.get("recover_epochs", 0) for v in self.variants.values() for s in v
+            s.stage == "prune" and s.config.get("recover_epochs", 0)
+            for v in self.variants.values()
+            for s in v
         )
         if needs_train and self.data.train is None:
             raise ValueError("data.train: required by finetune / pruning recovery, but missing")
@@ -222,7 +224,9 @@ def _describe(error: dict[str, Any]) -> str:
     if kind in ("bool_parsing", "bool_type"):
         return f"expected true or false, got {got}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[
+            kind
+        ]
         bound = next(iter(ctx.values()), "")
         return f"expected a value {op} {bound}, got {got}"
     if kind == "literal_error":

@@ -116,8 +116,9 @@ class RunResult:
 class Runner:
     """Runs a plan: cache lookups, stage calls, manifests, atomic publication, the recipe lock."""
 
-    def __init__(self, recipe: Recipe, exported: Path = Path("exported"), force: bool = False,
-                 until: str | None = None):
+    def __init__(
+        self, recipe: Recipe, exported: Path = Path("exported"), force: bool = False, until: str | None = None
+    ):
         self.recipe = recipe
         self.exported = Path(exported)
         self.force = force
@@ -172,7 +173,9 @@ class Runner:
                 if node not in keep:
                     keep.append(node)
         if not keep:
-            raise RecipeError(f"--until {self.until}: no variant of recipe {self.recipe.name!r} has that stage")
+            raise RecipeError(
+                f"--until {self.until}: no variant of recipe {self.recipe.name!r} has that stage"
+            )
         return [n for n in plan.nodes if n in keep]
 
     def _cache_key(self, node: Node, upstream_digest: str, data_digests: dict[str, str]) -> str:
@@ -187,8 +190,9 @@ class Runner:
         }
         return mf.sha256_text(canonical_json(payload))
 
-    def _run_node(self, node: Node, plan: Plan, data: Any, machine: dict[str, Any],
-                  source_digest: str, label: str) -> None:
+    def _run_node(
+        self, node: Node, plan: Plan, data: Any, machine: dict[str, Any], source_digest: str, label: str
+    ) -> None:
         spec = get_stage(node.stage)
         if node.parent is None:
             input_dir, upstream_digest = plan.source_dir, source_digest
@@ -196,20 +200,28 @@ class Runner:
             assert node.parent.manifest is not None, "parents run first"
             input_dir = node.parent.folder
             upstream_digest = mf.digest_of(node.parent.manifest["outputs"])
-        data_digests = {split: data.digest(split) for split in spec.data_splits if _split_used(self.recipe, split)}
+        data_digests = {
+            split: data.digest(split) for split in spec.data_splits if _split_used(self.recipe, split)
+        }
         node.key = self._cache_key(node, upstream_digest, data_digests)
 
         previous = mf.read_manifest(node.folder)
-        if (not self.force and previous and previous.get("cache_key") == node.key
-                and mf.outputs_intact(node.folder, previous)):
+        if (
+            not self.force
+            and previous
+            and previous.get("cache_key") == node.key
+            and mf.outputs_intact(node.folder, previous)
+        ):
             node.status, node.manifest = "cached", previous
             log.info("%s cached (key %s), skipped", label, node.key[:12])
             return
 
         log.info("%s running %s ...", label, node.stage)
-        node.folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = node.folder.parent / f".tmp-{node.folder.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            raise StageError(f"{label}: cannot create {tmp.parent}: {err.strerror or err}") from None
         started, clock = datetime.now(timezone.utc), time.perf_counter()
         config = spec.config_cls.model_validate(node.config)
         chain = node.chain()
@@ -237,9 +249,12 @@ class Runner:
                 "inputs": {
                     "folder": _relative(input_dir, plan.root),
                     "digest": upstream_digest,
-                    "files": mf.hash_folder(input_dir) if node.parent is None else node.parent.manifest["outputs"],
+                    "files": mf.hash_folder(input_dir)
+                    if node.parent is None
+                    else node.parent.manifest["outputs"],
                 },
                 "data": data_digests,
+                "model": self.recipe.model.model_dump(mode="json"),
                 "outputs": outputs,
                 "metrics": metrics,
                 "versions": mf.versions(),
@@ -255,6 +270,10 @@ class Runner:
         except (KeyboardInterrupt, SystemExit):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        except OSError as err:  # disk full, permissions: say which file, keep the old output
+            shutil.rmtree(tmp, ignore_errors=True)
+            where = f" {err.filename}" if err.filename else ""
+            raise StageError(f"{label}: {node.stage} could not write{where}: {err.strerror or err}") from err
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -320,4 +339,3 @@ def _remove_leftovers(root: Path) -> None:
     """Delete temp and replaced folders that a killed run left behind (we hold the lock)."""
     for leftover in list(root.glob("*/.tmp-*")) + list(root.glob("*/.old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
-

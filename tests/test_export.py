@@ -51,3 +51,16 @@ def test_missing_model_folder_is_input_error(tmp_path):
     document = export_only_recipe(tmp_path / "does-not-exist")
     with pytest.raises(InputError, match="does not exist"):
         Runner(recipe_from_dict(document), exported=tmp_path / "out").run()
+
+
+def test_external_data_flows_through_export(tiny_ner_model, tmp_path, monkeypatch):
+    """Models over 2 GB keep weights in model.onnx.data; a lowered threshold exercises that path."""
+    from pipeline import onnx_utils
+
+    monkeypatch.setattr(onnx_utils, "EXTERNAL_DATA_THRESHOLD", 100_000)
+    Runner(recipe_from_dict(export_only_recipe(tiny_ner_model)), exported=tmp_path / "out").run()
+    folder = tmp_path / "out" / "tiny" / "fp32" / "export"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["metrics"]["external_data"] is True
+    assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
+    assert "model.onnx.data" in {o["path"] for o in manifest["outputs"]}

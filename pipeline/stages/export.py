@@ -9,7 +9,13 @@ from pydantic import Field, field_validator
 
 from pipeline.config import StrictModel
 from pipeline.models import TASKS, load_torch_model
-from pipeline.onnx_utils import copy_metadata, model_file, open_session, parity_grid
+from pipeline.onnx_utils import (
+    EXTERNAL_DATA_FILE,
+    copy_metadata,
+    normalise_external_data,
+    open_session,
+    parity_grid,
+)
 from pipeline.registry import StageContext, stage
 
 
@@ -62,7 +68,7 @@ def export(ctx: StageContext) -> dict[str, Any]:
             do_validation=False,  # our own parity grid below is stricter and never just warns
         )
     model.eval()  # the legacy exporter restores train mode on the module it exported
-    path = model_file(ctx.output_dir)
+    path = normalise_external_data(ctx.output_dir)
     session = open_session(path)
 
     def reference(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -81,7 +87,10 @@ def export(ctx: StageContext) -> dict[str, Any]:
     graph = onnx.load(str(path), load_external_data=False).graph
     ctx.log.info(
         "export parity: max |diff| %.2e (atol %g), argmax agreement %.4f on %d shapes",
-        parity["max_abs_diff"], config.parity.atol, parity["argmax_agreement"], len(config.parity.shapes),
+        parity["max_abs_diff"],
+        config.parity.atol,
+        parity["argmax_agreement"],
+        len(config.parity.shapes),
     )
     return {
         "parity": parity,
@@ -90,4 +99,5 @@ def export(ctx: StageContext) -> dict[str, Any]:
         "nodes": len(graph.node),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "model_bytes": sum(f.stat().st_size for f in ctx.output_dir.glob("model.onnx*")),
+        "external_data": (ctx.output_dir / EXTERNAL_DATA_FILE).exists(),
     }
