@@ -31,6 +31,7 @@ def build_tiny_bert(
     import torch
     from transformers import (
         AutoModel,
+        AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
         BertConfig,
@@ -51,6 +52,7 @@ def build_tiny_bert(
         "token-classification": AutoModelForTokenClassification,
         "text-classification": AutoModelForSequenceClassification,
         "feature-extraction": AutoModel,
+        "question-answering": AutoModelForQuestionAnswering,
     }[task]
     torch.manual_seed(0)
     model = auto.from_config(config)

@@ -14,7 +14,14 @@ from pipeline.recipe import recipe_from_dict
 from pipeline.runner import Runner
 
 
-@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+OUTPUTS = {
+    "text-classification": ["logits"],
+    "feature-extraction": ["last_hidden_state"],
+    "question-answering": ["start_logits", "end_logits"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(OUTPUTS))
 def test_export_tasks_have_dynamic_axes(task, tmp_path):
     model_dir = build_tiny_bert(tmp_path / "m", task=task)
     document = export_only_recipe(model_dir)
@@ -22,7 +29,7 @@ def test_export_tasks_have_dynamic_axes(task, tmp_path):
     Runner(recipe_from_dict(document), exported=tmp_path / "out").run()
     folder = tmp_path / "out" / "tiny" / "fp32" / "export"
     metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
-    assert metrics["outputs"] == (["logits"] if task == "text-classification" else ["last_hidden_state"])
+    assert metrics["outputs"] == OUTPUTS[task]
     assert [s["seq"] for s in metrics["parity"]["shapes"]] == [8, 37, 64]
     session = open_session(folder / "model.onnx")
     # A shape outside the parity grid also runs: batch and sequence axes are dynamic.
