@@ -1,18 +1,487 @@
-"""CI gate: check a report against the recipe's limits and an optional baseline report."""
+"""CI gate: check a report against the recipe's limits and an optional baseline report.
+
+    python -m pipeline gate RECIPE [--baseline OLD_REPORT.json] [--junit FILE.xml]
+
+prints one line per check and exits 0 when all pass, 3 when any fails, 2 when the report or the
+baseline is missing or malformed (or is for another recipe).
+
+The checks are recomputed from the raw figures in `exported/<recipe>/report.json` with the
+recipe's *current* `gates` section, so tightening a limit needs no re-run. Which variants are gated
+is `gates.apply_to`: the released variant (default; no release is itself a failure), every
+variant, or a list of names. The release pick (`pipeline.release.pick_release`) uses the same
+`evaluate_variant` on every variant. Against a baseline report only ratios are compared (metric and
+speed-up vs PyTorch measured in the same run), never absolute times from another machine.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
 
 from pipeline.config import StrictModel
+from pipeline.errors import InputError, PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+
+EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 3, 2
 
 
 class GatesConfig(StrictModel):
     """Recipe section `gates`: limits a release must meet; `make gate` exits 3 when one fails."""
 
     max_metric_drop: float | None = Field(
-        None, ge=0, description="Largest allowed absolute metric drop vs the PyTorch fp32 baseline."
+        None,
+        ge=0,
+        description="Largest allowed absolute drop of the headline metric (validate.metric) vs the "
+        "PyTorch fp32 baseline on the same eval examples, e.g. 0.01 = one point of F1.",
     )
     min_speedup_vs_pytorch: float | None = Field(
-        None, gt=0, description="Smallest allowed speed-up vs PyTorch eager, measured in the same run."
+        None,
+        gt=0,
+        description="Smallest allowed speed-up vs PyTorch eager fp32 (ratio of p50 latencies measured "
+        "in the same run, CPU provider), checked at every shape in speedup_at.",
     )
+    speedup_at: list[str] | None = Field(
+        None,
+        description="Shape keys ('b<batch>_s<seq>', from validate.latency) the speed-up gates look at; "
+        "None = every measured shape.",
+    )
+    max_model_bytes: int | None = Field(
+        None, ge=1, description="Largest allowed model size on disk (model.onnx + external data)."
+    )
+    require_attention_fusion: bool = Field(
+        False,
+        description="Variants with an optimize step must have every attention layer fused (from the "
+        "optimize stage's fused-op counts); variants without one pass as not applicable.",
+    )
+    require_provider: list[str] = Field(
+        [],
+        description="Execution providers each gated variant must really have run on "
+        "(session.get_providers()), e.g. [CUDAExecutionProvider]; unavailable or fallen back = fail.",
+    )
+    apply_to: Literal["release", "all"] | list[str] = Field(
+        "release",
+        description="Variants `gate` checks: 'release' (the released variant; no release fails), 'all', "
+        "or a list of variant names. The release pick always checks every variant.",
+    )
+    baseline_metric_tolerance: float = Field(
+        0.005,
+        ge=0,
+        description="With --baseline: largest allowed absolute metric decrease vs the old report "
+        "(per gated variant, and for the PyTorch baseline itself).",
+    )
+    baseline_speedup_tolerance: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="With --baseline: largest allowed relative decrease of a speed-up ratio vs the old "
+        "report, per shape (0.25 = new ratio >= 75% of the old one). Ratios, never absolute times.",
+    )
+
+    @field_validator("speedup_at")
+    @classmethod
+    def _check_keys(cls, value: list[str] | None) -> list[str] | None:
+        from pipeline.bench.latency import parse_shape_key
+
+        for key in value or []:
+            parse_shape_key(key)  # ValueError -> "expected a shape key like 'b1_s64'"
+        return value
+
+    @field_validator("require_provider")
+    @classmethod
+    def _check_providers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.endswith("ExecutionProvider"):
+                raise ValueError(
+                    f"expected ONNX Runtime provider names like CUDAExecutionProvider, got {name!r}"
+                )
+        return value
+
+
+@dataclass
+class GateResult:
+    """One check: `name` is '<variant>/<check>' (what JUnit and report.json call it)."""
+
+    variant: str
+    check: str
+    passed: bool
+    value: Any = None
+    limit: Any = None
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/{self.check}"
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        text = f"{status} {self.name}: {_fmt(self.value)}"
+        if self.limit is not None:
+            text += f" (limit {_fmt(self.limit)})"
+        if self.detail:
+            text += f" - {self.detail}"
+        return text
+
+    def as_report(self) -> dict[str, Any]:
+        return {"passed": self.passed, "value": self.value, "limit": self.limit, "detail": self.detail}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "n/a"
+    return str(value)
+
+
+# -- checks on one report --------------------------------------------------------------------------
+
+
+def evaluate_variant(gates: GatesConfig, report: dict[str, Any], name: str) -> list[GateResult]:
+    """The recipe's limits checked on variant `name` of `report` (a loaded report.json dict)."""
+    variant = report["variants"][name]
+    results: list[GateResult] = []
+    metric_name = report.get("metric_name", "metric")
+    if gates.max_metric_drop is not None:
+        drop = variant.get("metric_drop")
+        passed = drop is not None and math.isfinite(drop) and drop <= gates.max_metric_drop + 1e-12
+        results.append(
+            GateResult(
+                name,
+                "max_metric_drop",
+                passed,
+                None if drop is None else round(float(drop), 6),
+                gates.max_metric_drop,
+                f"{metric_name} {_fmt(variant.get('metric'))} "
+                f"vs PyTorch {_fmt(report['baseline'].get('metric'))}",
+            )
+        )
+    if gates.min_speedup_vs_pytorch is not None:
+        ratios = variant.get("speedup_vs_pytorch") or {}
+        keys = gates.speedup_at or sorted(ratios)
+        missing = [k for k in keys if k not in ratios]
+        if missing or not keys:
+            results.append(
+                GateResult(
+                    name,
+                    "min_speedup_vs_pytorch",
+                    False,
+                    None,
+                    gates.min_speedup_vs_pytorch,
+                    f"no speed-up measured at {', '.join(missing) or 'any shape'} "
+                    f"(measured: {', '.join(sorted(ratios)) or 'none'})",
+                )
+            )
+        else:
+            worst = min(keys, key=lambda k: ratios[k])
+            results.append(
+                GateResult(
+                    name,
+                    "min_speedup_vs_pytorch",
+                    ratios[worst] >= gates.min_speedup_vs_pytorch,
+                    ratios[worst],
+                    gates.min_speedup_vs_pytorch,
+                    "worst at " + worst + "; " + ", ".join(f"{k} {ratios[k]:.2f}x" for k in keys),
+                )
+            )
+    if gates.max_model_bytes is not None:
+        size = variant.get("size_bytes")
+        results.append(
+            GateResult(
+                name,
+                "max_model_bytes",
+                size is not None and size <= gates.max_model_bytes,
+                size,
+                gates.max_model_bytes,
+            )
+        )
+    if gates.require_attention_fusion:
+        fusion = variant.get("attention_fusion")
+        if not fusion:
+            results.append(
+                GateResult(
+                    name, "require_attention_fusion", True, "n/a", None, "no optimize step in this variant"
+                )
+            )
+        else:
+            complete = bool(fusion.get("complete"))
+            results.append(
+                GateResult(
+                    name,
+                    "require_attention_fusion",
+                    complete,
+                    f"{fusion.get('fused')}/{fusion.get('expected')}",
+                    "all layers",
+                    "attention nodes fused / expected (optimize stage)",
+                )
+            )
+    for provider in gates.require_provider:
+        entry = (variant.get("providers") or {}).get(provider) or {}
+        status = entry.get("status", "not validated (not in validate.providers)")
+        results.append(
+            GateResult(
+                name,
+                f"require_provider:{provider}",
+                status == "ok",
+                status,
+                "ok",
+                ("session providers: " + ", ".join(entry["session_providers"]))
+                if entry.get("session_providers")
+                else "",
+            )
+        )
+    return results
+
+
+def gated_variants(gates: GatesConfig, report: dict[str, Any]) -> tuple[list[str], list[GateResult]]:
+    """Variant names `gate` checks, plus failures from the scope itself (no release, unknown names)."""
+    variants = report["variants"]
+    if gates.apply_to == "all":
+        return list(variants), []
+    if gates.apply_to == "release":
+        release = report.get("release") or {}
+        chosen = release.get("variant")
+        if chosen is None:
+            reason = release.get("reason") or "no variant passed the gates"
+            return [], [GateResult("release", "exists", False, None, None, reason)]
+        if chosen not in variants:
+            raise InputError(f"report: release.variant {chosen!r} is not one of the report's variants")
+        return [chosen], [GateResult("release", "exists", True, chosen, None, release.get("reason", ""))]
+    missing = [name for name in gates.apply_to if name not in variants]
+    failures = [
+        GateResult(
+            name, "present", False, None, None, "gates.apply_to names a variant the report does not have"
+        )
+        for name in missing
+    ]
+    return [name for name in gates.apply_to if name in variants], failures
+
+
+def evaluate_report(gates: GatesConfig, report: dict[str, Any]) -> list[GateResult]:
+    """Every check `gate` runs on one report, without a baseline."""
+    names, results = gated_variants(gates, report)
+    for name in names:
+        results += evaluate_variant(gates, report, name)
+    return results
+
+
+def compare_baseline(
+    gates: GatesConfig, report: dict[str, Any], baseline: dict[str, Any], variants: list[str]
+) -> list[GateResult]:
+    """Regressions vs an older report: metric (absolute tolerance) and speed-up ratios (relative)."""
+    results: list[GateResult] = []
+    tol_m, tol_s = gates.baseline_metric_tolerance, gates.baseline_speedup_tolerance
+    sign = 1.0 if report.get("metric_higher_is_better", True) else -1.0  # change > 0 = better
+    old_base, new_base = baseline["baseline"].get("metric"), report["baseline"].get("metric")
+    if old_base is not None and new_base is not None:
+        change = round(sign * (float(new_base) - float(old_base)), 6)
+        results.append(
+            GateResult(
+                "pytorch",
+                "baseline_metric",
+                change >= -tol_m - 1e-12,
+                change,
+                -tol_m,
+                f"PyTorch {report.get('metric_name', 'metric')} {_fmt(new_base)} "
+                f"vs {_fmt(old_base)} in the baseline",
+            )
+        )
+    for name in variants:
+        new, old = report["variants"][name], baseline["variants"].get(name)
+        if old is None:
+            results.append(
+                GateResult(
+                    name,
+                    "baseline",
+                    True,
+                    "new variant",
+                    None,
+                    "not in the baseline report; nothing to compare",
+                )
+            )
+            continue
+        if new.get("metric") is None or old.get("metric") is None:
+            results.append(GateResult(name, "baseline_metric", False, None, -tol_m, "metric missing"))
+        else:
+            change = round(sign * (float(new["metric"]) - float(old["metric"])), 6)
+            results.append(
+                GateResult(
+                    name,
+                    "baseline_metric",
+                    change >= -tol_m - 1e-12,
+                    change,
+                    -tol_m,
+                    f"{_fmt(new['metric'])} vs {_fmt(old['metric'])} in the baseline",
+                )
+            )
+        new_r, old_r = new.get("speedup_vs_pytorch") or {}, old.get("speedup_vs_pytorch") or {}
+        keys = [k for k in (gates.speedup_at or sorted(old_r)) if k in old_r]
+        missing = [k for k in keys if k not in new_r]
+        if missing:
+            results.append(
+                GateResult(
+                    name,
+                    "baseline_speedup",
+                    False,
+                    None,
+                    -tol_s,
+                    f"shapes {', '.join(missing)} no longer measured",
+                )
+            )
+            continue
+        if not keys:
+            continue
+        changes = {k: float(new_r[k]) / float(old_r[k]) - 1.0 for k in keys if old_r[k]}
+        worst = min(changes, key=changes.get)
+        results.append(
+            GateResult(
+                name,
+                "baseline_speedup",
+                changes[worst] >= -tol_s - 1e-12,
+                round(changes[worst], 4),
+                -tol_s,
+                "relative change of the speed-up ratio, worst at "
+                + worst
+                + "; "
+                + ", ".join(f"{k} {new_r[k]:.2f}x vs {old_r[k]:.2f}x" for k in keys),
+            )
+        )
+    return results
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def run_gate(
+    recipe: Recipe, report_path: Path, baseline_path: Path | None = None, junit_path: Path | None = None
+) -> list[GateResult]:
+    """All checks for `recipe` on `report_path` (+ regressions vs `baseline_path`); writes JUnit XML.
+
+    InputError (exit 2) when a report is missing, malformed or for another recipe.
+    """
+    from pipeline.report import load_report
+
+    report = load_report(report_path, label="report")
+    _same_recipe(recipe, report, report_path)
+    gates = recipe.gates
+    if gates.speedup_at:
+        measured = set(report["baseline"]["latency"])
+        unknown = [k for k in gates.speedup_at if k not in measured]
+        if unknown:
+            raise InputError(
+                f"gates.speedup_at: {', '.join(unknown)} not measured in {report_path} "
+                f"(measured: {', '.join(sorted(measured))})"
+            )
+    names, results = gated_variants(gates, report)
+    for name in names:
+        results += evaluate_variant(gates, report, name)
+    if baseline_path is not None:
+        baseline = load_report(baseline_path, label="baseline")
+        _same_recipe(recipe, baseline, baseline_path)
+        if baseline.get("metric_name") != report.get("metric_name"):
+            raise InputError(
+                f"{baseline_path}: baseline metric {baseline.get('metric_name')!r} differs from the "
+                f"report's {report.get('metric_name')!r}; refresh the baseline (make baseline)"
+            )
+        results += compare_baseline(gates, report, baseline, names)
+    if junit_path is not None:
+        write_junit(results, Path(junit_path), suite=f"gate.{recipe.name}")
+    return results
+
+
+def _same_recipe(recipe: Recipe, report: dict[str, Any], path: Path) -> None:
+    if report.get("recipe") != recipe.name:
+        raise InputError(f"{path}: report is for recipe {report.get('recipe')!r}, not {recipe.name!r}")
+
+
+def write_junit(results: list[GateResult], path: Path, suite: str) -> Path:
+    """JUnit XML: one testcase per check, a <failure> for each failed one."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(not r.passed for r in results)
+    root = ET.Element("testsuites", name=suite, tests=str(len(results)), failures=str(failures), errors="0")
+    node = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(results)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+    )
+    for result in results:
+        case = ET.SubElement(node, "testcase", classname=suite, name=result.name, time="0")
+        if result.passed:
+            ET.SubElement(case, "system-out").text = result.line()
+        else:
+            failure = ET.SubElement(case, "failure", message=result.line(), type="GateFailure")
+            failure.text = json.dumps(asdict(result), default=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    return path
+
+
+def gate_command(
+    recipe_path: Path,
+    baseline: Path | None = None,
+    junit: Path | None = None,
+    exported: Path = Path("exported"),
+    overrides: list[str] | None = None,
+    out: Any = None,
+) -> int:
+    """`python -m pipeline gate`: print one line per check; 0 all pass, 3 any fails.
+
+    Bad input (recipe, report, baseline) raises RecipeError/InputError (exit 2 through the CLI).
+    """
+    import sys
+
+    from pipeline.recipe import load_recipe
+
+    out = out or sys.stdout
+    recipe = load_recipe(recipe_path, overrides)
+    report_path = Path(exported) / recipe.name / "report.json"
+    results = run_gate(recipe, report_path, baseline, junit)
+    for result in results:
+        print(result.line(), file=out)
+    failed = sum(not r.passed for r in results)
+    summary = f"gate {recipe.name}: {len(results) - failed}/{len(results)} checks passed"
+    print(summary + ("" if not failed else f", {failed} failed"), file=out)
+    return EXIT_FAIL if failed else EXIT_PASS
+
+
+def add_gate_arguments(parser: Any) -> None:
+    """The `gate` subcommand's arguments (for pipeline.cli)."""
+    parser.add_argument("recipe", type=Path, help="recipe YAML file")
+    parser.add_argument("--baseline", type=Path, help="an older report.json to compare ratios against")
+    parser.add_argument("--junit", type=Path, help="write JUnit XML results to this file")
+    parser.add_argument("--exported", type=Path, default=Path("exported"), help="output root folder")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field",
+    )
+
+
+def main_gate(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point with the CLI's behaviour: prints errors, returns the exit code."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline gate", description=__doc__.splitlines()[0])
+    add_gate_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return gate_command(args.recipe, args.baseline, args.junit, args.exported, args.overrides)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code

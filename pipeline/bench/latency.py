@@ -1,0 +1,131 @@
+"""Interleaved latency measurement: candidates take turns, so a noisy machine slows them alike.
+
+On a small shared machine (2 cores here) background load comes and goes over seconds. Timing
+candidate A for 100 runs and then B for 100 runs lets that drift land on one of them and skews
+their ratio. `interleaved` runs one block of iterations of each candidate in turn (round robin,
+starting point rotated every round so no candidate always runs right after the same other one),
+so each candidate sees the same mix of quiet and busy moments and their ratios hold.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+_KEY = re.compile(r"^b(\d+)_s(\d+)$")
+
+
+def shape_key(batch: int, seq: int) -> str:
+    """The report's name for one input shape: b<batch>_s<seq>."""
+    return f"b{int(batch)}_s{int(seq)}"
+
+
+def parse_shape_key(key: str) -> tuple[int, int]:
+    """(batch, seq) of a `b<batch>_s<seq>` key; ValueError for anything else."""
+    match = _KEY.match(str(key))
+    if not match:
+        raise ValueError(f"expected a shape key like 'b1_s64', got {key!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def interleaved(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int,
+    iters: int,
+    block: int = 1,
+    progress: Any = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Time every candidate `iters` times (milliseconds per call), taking turns block by block.
+
+    Warm-up calls are interleaved the same way and not recorded. The garbage collector is paused
+    while timing (as timeit does). `progress` (a tqdm bar or None) is advanced by one per timed call.
+    """
+    if not candidates:
+        return {}
+    if iters < 1 or warmup < 0 or block < 1:
+        raise ValueError(
+            f"interleaved: need iters >= 1, warmup >= 0, block >= 1 (got {iters}, {warmup}, {block})"
+        )
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds = math.ceil(iters / block)
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()  # like timeit: no collector pauses inside timed calls
+    try:
+        for index in range(rounds):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = candidates[name]
+                runs = min(block, iters - len(times[name]))
+                for _ in range(runs):
+                    started = clock()
+                    fn()
+                    times[name].append((clock() - started) * 1e3)
+                if progress is not None:
+                    progress.update(runs)
+    finally:
+        if collecting:
+            gc.enable()
+    return times
+
+
+def summarize(times_ms: Sequence[float], batch: int) -> dict[str, float]:
+    """p50/p90/p99/mean/min latency (ms) and throughput (examples per second) of timed calls."""
+    array = np.asarray(times_ms, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("summarize: no timings")
+    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    mean = float(array.mean())
+    return {
+        "p50_ms": round(float(p50), 4),
+        "p90_ms": round(float(p90), 4),
+        "p99_ms": round(float(p99), 4),
+        "mean_ms": round(mean, 4),
+        "min_ms": round(float(array.min()), 4),
+        "iters": int(array.size),
+        "throughput_per_s": round(batch * 1e3 / mean, 3) if mean > 0 else None,
+    }
+
+
+def speedups(
+    reference: Mapping[str, Mapping[str, float]], candidate: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """Per shape key: reference p50 / candidate p50 (> 1 means the candidate is faster)."""
+    ratios = {}
+    for key, stats in candidate.items():
+        if key in reference and stats.get("p50_ms"):
+            ratios[key] = round(float(reference[key]["p50_ms"]) / float(stats["p50_ms"]), 4)
+    return ratios
+
+
+def geometric_mean(values: Sequence[float]) -> float | None:
+    values = [float(v) for v in values if v is not None and v > 0]
+    if not values:
+        return None
+    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Pin PyTorch's intra-op thread count inside the block, restoring it afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

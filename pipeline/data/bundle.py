@@ -1,0 +1,120 @@
+"""DataBundle: lazy, cached access to a recipe's train / eval / calibration splits."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.data.examples import Example, TextExample, TokenExample, examples_digest
+from pipeline.data.sources import load_split
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+
+SPLITS = ("train", "eval", "calibration")
+
+
+class DataBundle:
+    """The recipe's data splits, read on first use and cached.
+
+    `get(split)` returns the examples of "train", "eval" or "calibration" (InputError when the split
+    is not configured or empty); `digest(split)` a sha256 of them; `labels()` the sorted label set.
+    Calibration examples are `data.calibration.samples` examples drawn with `random.Random(seed)` from
+    the split named by `data.calibration.from` (kept in their original order).
+    """
+
+    def __init__(self, recipe: Recipe | None, *, base_dir: str | Path | None = None) -> None:
+        self.recipe = recipe
+        self.task = recipe.model.task if recipe is not None else None
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self._cache: dict[str, list[Example]] = {}
+
+    @classmethod
+    def from_examples(
+        cls,
+        task: str,
+        *,
+        train: Sequence[Example] | None = None,
+        eval: Sequence[Example] | None = None,  # noqa: A002 - the split's name
+        calibration: Sequence[Example] | None = None,
+    ) -> DataBundle:
+        """A bundle over in-memory examples (tests, helpers); same API as a recipe's bundle."""
+        bundle = cls(None)
+        bundle.task = task
+        for name, examples in (("train", train), ("eval", eval), ("calibration", calibration)):
+            if examples is not None:
+                bundle._cache[name] = list(examples)
+        return bundle
+
+    # -- splits ------------------------------------------------------------------------------------
+
+    def has(self, split: str) -> bool:
+        """Whether `split` is configured (calibration: whenever its source split is)."""
+        self._check_name(split)
+        if split in self._cache:
+            return True
+        if self.recipe is None:
+            return False
+        if split == "calibration":
+            return self.has(self.recipe.data.calibration.from_split)
+        return getattr(self.recipe.data, split) is not None
+
+    def get(self, split: str) -> list[Example]:
+        self._check_name(split)
+        if split not in self._cache:
+            self._cache[split] = self._load(split)
+        return self._cache[split]
+
+    def digest(self, split: str) -> str:
+        """sha256 of the split's examples, in order (for cache keys and manifests)."""
+        return examples_digest(self.get(split))
+
+    def labels(self) -> list[str]:
+        """Sorted label set of train (+ eval): BIO tags for NER, classes for classification."""
+        labels: set[str] = set()
+        found = False
+        for split in ("train", "eval"):
+            if not self.has(split):
+                continue
+            found = True
+            for example in self.get(split):
+                if isinstance(example, TokenExample):
+                    labels.update(example.tags)
+                elif isinstance(example, TextExample) and example.label is not None:
+                    labels.add(example.label)
+        if not found:
+            raise InputError("data: no train or eval split configured; cannot know the labels")
+        return sorted(labels)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_name(split: str) -> None:
+        if split not in SPLITS:
+            raise InputError(f"data: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+    def _load(self, split: str) -> list[Example]:
+        if self.recipe is None:
+            raise InputError(f"data.{split}: not configured")
+        if split == "calibration":
+            calibration = self.recipe.data.calibration
+            source = calibration.from_split
+            if not self.has(source):
+                raise InputError(f"data.calibration: draws from data.{source}, which is not configured")
+            return draw_sample(self.get(source), calibration.samples, calibration.seed)
+        spec = getattr(self.recipe.data, split)
+        if spec is None:
+            raise InputError(f"data.{split}: not configured in recipe {self.recipe.name!r}")
+        assert self.task is not None
+        return load_split(spec, self.task, base_dir=self.base_dir, name=split)
+
+
+def draw_sample(examples: Sequence[Example], samples: int, seed: int) -> list[Example]:
+    """`samples` examples drawn with `random.Random(seed)`, kept in their original order."""
+    if samples >= len(examples):
+        return list(examples)
+    indices = sorted(random.Random(seed).sample(range(len(examples)), samples))
+    return [examples[i] for i in indices]

@@ -1,0 +1,179 @@
+"""The prune stage's work: load, prune on a schedule, recover, save, verify, measure."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.pruning.arch import blocks, num_heads
+from pipeline.pruning.checkpoint import check_reload, save_checkpoint
+from pipeline.pruning.metrics import count_parameters, gzip_bytes
+from pipeline.pruning.structured import (
+    attention_shape,
+    ffn_neurons_to_drop,
+    heads_to_drop,
+    prune_ffn,
+    prune_heads,
+)
+from pipeline.pruning.unstructured import ORT_NOTE, apply_magnitude_masks, make_permanent, sparsity_report
+
+WEIGHTS = "model.safetensors"
+
+
+def cumulative_targets(total: int, steps: int) -> list[int]:
+    """Cumulative counts reaching `total` in `steps` near-equal steps, with no empty step."""
+    if steps > total:
+        raise InputError(f"prune.steps: {steps} steps for {total} units to remove; expected steps <= {total}")
+    return [round(total * k / steps) for k in range(1, steps + 1)]
+
+
+def run_prune(
+    config: Any,
+    *,
+    input_dir: Path,
+    output_dir: Path,
+    recipe: Any,
+    data: Any,
+    reference_hf_dir: Path | None,
+    log: logging.Logger | None = None,
+) -> dict[str, Any]:
+    """Prune the checkpoint in `input_dir` per `config` (a PruneConfig) into `output_dir`."""
+    from pipeline.models import load_torch_model
+    from pipeline.pruning import recovery
+
+    log = log or logging.getLogger("pipeline.prune")
+    started = time.perf_counter()
+    recover = config.recover_epochs > 0
+    session = None
+    if recover:
+        session = recovery.RecoverySession(
+            config, recipe=recipe, data=data, input_dir=input_dir, reference_hf_dir=reference_hf_dir, log=log
+        )
+        model = session.load_student()
+    else:
+        model = load_torch_model(
+            input_dir, recipe.model.task, trust_remote_code=recipe.model.trust_remote_code
+        )
+    model = model.float().eval()
+    blocks(model, structured=config.kind != "unstructured")  # fails early on an unsupported model
+    params_before = count_parameters(model)
+    metrics: dict[str, Any] = {
+        "kind": config.kind,
+        "schedule": config.schedule,
+        "steps": config.steps,
+        "model_type": model.config.model_type,
+        "params_before": params_before,
+    }
+    if session is not None:
+        session.load_teacher(model)
+        metrics["metric_name"] = session.metric_name
+        metrics["metric_dense"] = session.evaluate(model)
+
+    # --- what one step removes -------------------------------------------------------------------
+    if config.kind == "unstructured":
+        amounts = [config.amount * k / config.steps for k in range(1, config.steps + 1)]
+    elif config.kind == "ffn":
+        width = blocks(model, structured=True)[0].up.out_features
+        drops = cumulative_targets(ffn_neurons_to_drop(width, config.amount), config.steps)
+    else:
+        current = num_heads(model, blocks(model, structured=True)[0])
+        drops = cumulative_targets(
+            heads_to_drop(current, heads_per_layer=config.heads_per_layer, amount=config.amount), config.steps
+        )
+
+    history: list[dict[str, Any]] = []
+    modules: dict[str, Any] = {}
+    masks: dict[str, Any] = {}
+    done = 0
+    for step in range(config.steps):
+        entry: dict[str, Any] = {"step": step + 1}
+        if config.kind == "unstructured":
+            modules = apply_magnitude_masks(model, amounts[step], targets=config.targets, scope=config.scope)
+            masks = {
+                name: m.weight_mask.detach().clone()
+                for name, m in modules.items()
+                if hasattr(m, "weight_mask")
+            }
+            entry["sparsity"] = round(amounts[step], 6)
+        elif config.kind == "ffn":
+            entry.update(prune_ffn(model, drops[step] - done))
+            done = drops[step]
+        else:
+            entry.update(
+                {k: v for k, v in prune_heads(model, drops[step] - done).items() if k != "pruned_heads"}
+            )
+            done = drops[step]
+        entry["params"] = count_parameters(model)
+        if session is not None:
+            entry["metric_pruned"] = session.evaluate(model)
+            model, trained = session.train(model)
+            entry["metric_recovered"] = trained["best_metric"]
+            entry["best_epoch"] = trained["best_epoch"]
+            entry["recover_history"] = trained["history"]
+        log.info(
+            "prune step %d/%d: %s",
+            step + 1,
+            config.steps,
+            {k: v for k, v in entry.items() if k != "recover_history"},
+        )
+        history.append(entry)
+
+    if config.kind == "unstructured":
+        modules = dict(_named(model, modules))
+        make_permanent(modules.values())
+        _reapply(modules, masks)  # exact zeros even if recovery handed back a model without the masks
+        report = sparsity_report(modules)
+        metrics["sparsity"] = report["total"]
+        metrics["sparsity_per_layer"] = report["per_layer"]
+        metrics["zero_weights"] = report["zero_weights"]
+        metrics["target_weights"] = report["target_weights"]
+        metrics["targets"] = list(config.targets)
+        metrics["scope"] = config.scope
+        metrics["ort_note"] = ORT_NOTE
+    elif config.kind == "ffn":
+        metrics["intermediate_before"] = history[0]["intermediate_before"]
+        metrics["intermediate_after"] = history[-1]["intermediate_after"]
+    else:
+        heads, attention_hidden = attention_shape(model.config)
+        metrics["heads_before"] = history[0]["heads_before"]
+        metrics["heads_after"] = heads
+        metrics["attention_hidden_size"] = attention_hidden
+        metrics["pruned_heads"] = {str(k): sorted(v) for k, v in sorted(model.config.pruned_heads.items())}
+
+    model.eval()
+    metrics["params_after"] = count_parameters(model)
+    metrics["param_reduction"] = round(1 - metrics["params_after"] / params_before, 6)
+    if session is not None:
+        # right after the (last) pruning step, before its recovery; `history` has every step
+        metrics["metric_pruned"] = history[-1]["metric_pruned"]
+        metrics["metric_recovered"] = session.evaluate(model)
+        metrics["distill"] = config.distill
+    if config.steps > 1 or session is not None:
+        metrics["history"] = history
+
+    save_checkpoint(model, input_dir, output_dir)
+    metrics["reload_max_abs_diff"] = check_reload(model, output_dir)
+    metrics["safetensors_bytes"] = (output_dir / WEIGHTS).stat().st_size
+    metrics["safetensors_gzip_bytes"] = gzip_bytes(output_dir / WEIGHTS)
+    if config.kind == "unstructured" and (input_dir / WEIGHTS).is_file():
+        metrics["input_safetensors_gzip_bytes"] = gzip_bytes(input_dir / WEIGHTS)
+    metrics["duration_s"] = round(time.perf_counter() - started, 3)
+    return metrics
+
+
+def _named(model: Any, modules: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The pruned modules as they are in `model` now (recovery may hand back another object)."""
+    lookup = dict(model.named_modules())
+    return [(name, lookup[name]) for name in modules if name in lookup]
+
+
+def _reapply(modules: dict[str, Any], masks: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, module in modules.items():
+            if name in masks:
+                module.weight.mul_(masks[name].to(module.weight.dtype))

@@ -1,0 +1,274 @@
+"""The task interface: load a model, encode examples, decode outputs, score predictions.
+
+Decoding and scoring work on numpy arrays, so the same code scores PyTorch and ONNX Runtime:
+
+    task = get_task("token-classification")
+    tokenizer = load_tokenizer(folder)
+    encoded = task.encode(tokenizer, examples, max_length=64)
+    outputs = [run(batch) for batch in encoded.batches(32)]     # run: dict[str, ndarray] -> ndarray
+    predictions = task.predict(outputs, encoded, id2label_of(folder))
+    metrics = task.score(predictions, examples)                 # {"f1": ..., ...}
+    # or: predictions = task.run(task.torch_forward(model), encoded, 32, id2label)
+
+`outputs` is one array per batch, in `encoded.batches(batch_size)` order: logits for the
+classification tasks, the last hidden state for feature-extraction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+Forward = Callable[[dict[str, np.ndarray]], np.ndarray]
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples, unpadded; `batches()` pads each batch to its longest row."""
+
+    features: dict[str, list[list[int]]]  # model input name -> one id list per example
+    pad_token_id: int = 0
+    labels: list[Any] | None = None  # NER: per-token ids (-100 = ignored); classification: one id
+    word_ids: list[list[int | None]] | None = None  # NER: word index of every token
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.features.values()))) if self.features else 0
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.features)
+
+    def batch(self, indices: Sequence[int], *, with_labels: bool = False) -> dict[str, np.ndarray]:
+        """Rows `indices` padded to their longest row: int64 arrays (plus "labels" if asked)."""
+        width = max(len(self.features["input_ids"][i]) for i in indices)
+        out: dict[str, np.ndarray] = {}
+        for name, rows in self.features.items():
+            pad = self.pad_token_id if name == "input_ids" else 0
+            array = np.full((len(indices), width), pad, dtype=np.int64)
+            for r, i in enumerate(indices):
+                array[r, : len(rows[i])] = rows[i]
+            out[name] = array
+        if with_labels:
+            if self.labels is None:
+                raise ValueError("these examples were encoded without labels")
+            first = self.labels[indices[0]]
+            if isinstance(first, list):
+                array = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
+                for r, i in enumerate(indices):
+                    array[r, : len(self.labels[i])] = self.labels[i]
+                out["labels"] = array
+            else:
+                out["labels"] = np.asarray([self.labels[i] for i in indices], dtype=np.int64)
+        return out
+
+    def batches(self, batch_size: int, *, with_labels: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive batches in example order."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self))), with_labels=with_labels)
+
+
+def load_tokenizer(folder: str | Path):
+    """AutoTokenizer for a checkpoint (or ONNX) folder; InputError when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{folder}: cannot load a tokenizer ({first[:200]})") from None
+
+
+def id2label_of(folder_or_config: Any) -> list[str]:
+    """Labels in id order from a folder's config.json, a transformers config, or a dict."""
+    if isinstance(folder_or_config, (str, Path)):
+        path = Path(folder_or_config) / "config.json"
+        if not path.is_file():
+            raise InputError(f"{path}: not found; cannot read the model's labels")
+        mapping = json.loads(path.read_text(encoding="utf-8")).get("id2label") or {}
+    elif isinstance(folder_or_config, dict):
+        mapping = folder_or_config
+    else:
+        mapping = getattr(folder_or_config, "id2label", None) or {}
+    if not mapping:
+        raise InputError(f"{folder_or_config}: config has no id2label; the model has no labelled head")
+    return [mapping[k] for k in sorted(mapping, key=int)]
+
+
+def _labels_list(id2label: Any) -> list[str]:
+    if isinstance(id2label, dict):
+        return [id2label[k] for k in sorted(id2label, key=int)]
+    return list(id2label)
+
+
+class Task:
+    """Base class; one subclass per supported task."""
+
+    name: str = ""
+    metric_name: str = ""  # the headline metric in score() (higher is better)
+    head_suffix: str | None = None  # e.g. "ForTokenClassification"
+    auto_class: str = "AutoModel"
+    trainable: bool = True
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def load_model(self, folder: str | Path, labels: Sequence[str] | None = None) -> torch.nn.Module:
+        """The torch model in eval mode. With `labels`, a missing (or differently labelled) head is
+        created for them (fine-tuning); without, the checkpoint must already have the task head."""
+        import transformers
+
+        folder = Path(folder)
+        config = self._config(folder)
+        cls = getattr(transformers, self.auto_class)
+        archs = list(getattr(config, "architectures", None) or [])
+        kwargs: dict[str, Any] = {}
+        if self.head_suffix is not None:
+            has_head = any(a.endswith(self.head_suffix) for a in archs)
+            current = set((getattr(config, "id2label", None) or {}).values())
+            if labels is None:
+                if not has_head:
+                    raise InputError(
+                        f"{folder}: model ({', '.join(archs) or 'unknown architecture'}) has no {self.name} "
+                        "head; fine-tune it first (recipe section finetune)"
+                    )
+            elif not has_head or current != set(labels):
+                labels = list(labels)
+                kwargs = {
+                    "num_labels": len(labels),
+                    "id2label": dict(enumerate(labels)),
+                    "label2id": {label: i for i, label in enumerate(labels)},
+                    "ignore_mismatched_sizes": has_head,
+                }
+        try:
+            model = cls.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"{folder}: cannot load the model ({first[:200]})") from None
+        return model.eval()
+
+    @staticmethod
+    def _config(folder: Path):
+        from transformers import AutoConfig
+
+        if not (folder / "config.json").is_file():
+            raise InputError(f"{folder}: not a Hugging Face checkpoint (no config.json)")
+        try:
+            return AutoConfig.from_pretrained(str(folder))
+        except (OSError, ValueError) as err:
+            raise InputError(
+                f"{folder}/config.json: cannot read ({str(err).splitlines()[0][:200]})"
+            ) from None
+
+    # -- encode / run ------------------------------------------------------------------------------
+
+    def encode(
+        self, tokenizer, examples: Sequence, max_length: int, label2id: dict[str, int] | None = None
+    ) -> Encoded:
+        raise NotImplementedError
+
+    @staticmethod
+    def _features(tokenizer, enc) -> dict[str, list[list[int]]]:
+        names = [n for n in tokenizer.model_input_names if n in enc]
+        return {name: [list(row) for row in enc[name]] for name in names}
+
+    def torch_forward(self, model: torch.nn.Module) -> Forward:
+        """A numpy-in, numpy-out forward of a torch model (its first output: logits / hidden state)."""
+        import inspect
+
+        import torch
+
+        accepted = set(inspect.signature(model.forward).parameters)
+
+        def forward(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items() if k in accepted}
+            with torch.inference_mode():
+                output = model(**tensors)
+            return output[0].float().cpu().numpy()
+
+        return forward
+
+    def run(self, forward: Forward, encoded: Encoded, batch_size: int = 32, id2label: Any = None) -> Any:
+        """Predictions for all examples: `forward` over the batches, then `predict`."""
+        outputs = [forward(batch) for batch in encoded.batches(batch_size)]
+        return self.predict(outputs, encoded, id2label)
+
+    # -- decode / score ----------------------------------------------------------------------------
+
+    def check_labels(self, id2label: Any, examples: Sequence, where: str = "eval data") -> None:
+        """InputError when the examples carry labels the model's head does not know (e.g. 'negative'
+        vs 'NEGATIVE'): scoring would silently count them all wrong."""
+        if self.head_suffix is None:
+            return
+        known = set(_labels_list(id2label))
+        found: set[str] = set()
+        for example in examples:
+            found.update(getattr(example, "tags", ()) or ())
+            label = getattr(example, "label", None)
+            if label is not None:
+                found.add(label)
+        missing = sorted(found - known)
+        if missing:
+            raise InputError(
+                f"{where}: labels {', '.join(map(repr, missing[:10]))} are not among the model's labels "
+                f"({', '.join(sorted(known))}); use data with the model's label names or fine-tune"
+            )
+
+    def predict(self, outputs: Sequence[np.ndarray], encoded: Encoded, id2label: Any = None) -> Any:
+        raise NotImplementedError
+
+    def score(self, predictions: Any, examples: Sequence, reference: Any = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def report(self, predictions: Any, examples: Sequence) -> str:
+        """Human-readable per-label report (text)."""
+        return ""
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+    def distill_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """KL(student/T || teacher/T) * T^2 over the positions that carry a label."""
+        import torch.nn.functional as F
+
+        s = student.reshape(-1, student.shape[-1])
+        t = teacher.reshape(-1, teacher.shape[-1])
+        keep = labels.reshape(-1) != IGNORE_INDEX
+        s, t = s[keep], t[keep]
+        if s.shape[0] == 0:
+            return student.sum() * 0.0
+        kl = F.kl_div(
+            F.log_softmax(s / temperature, dim=-1),
+            F.log_softmax(t / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return kl * temperature * temperature
+
+    @staticmethod
+    def _rows(outputs: Sequence[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """(example index, that example's output row) over per-batch outputs."""
+        index = 0
+        for array in outputs:
+            array = np.asarray(array)
+            for row in array:
+                yield index, row
+                index += 1

