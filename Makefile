@@ -9,7 +9,7 @@ ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 ARGS ?=
 
-.PHONY: setup run test test-all check clean finetune prune export optimize quantize list
+.PHONY: setup run test test-all check clean finetune prune export optimize quantize list gate verify baseline
 
 setup: $(STAMP)
 
@@ -39,6 +39,17 @@ check: setup
 
 list: setup
 	$(PY) -m pipeline list
+
+# CI gate on RECIPE's report (exit 3 on failure); BASELINE=old-report.json compares ratios against it.
+gate: setup
+	$(PY) -m pipeline gate $(RECIPE) $(if $(BASELINE),--baseline $(BASELINE)) --junit exported/gate-junit.xml
+
+verify: setup
+	$(PY) -m pipeline verify exported/$(notdir $(basename $(RECIPE)))/release
+
+# Refresh the committed baseline that `make test` gates its reduced end-to-end run against.
+baseline: setup
+	PIPELINE_WRITE_BASELINE=1 $(PY) -m pytest -q tests/test_end_to_end.py
 
 # One target per stage: run each variant of RECIPE up to and including that stage.
 finetune prune export optimize quantize: setup

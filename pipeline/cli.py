@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("recipes", type=Path, nargs="+", help="recipe YAML files")
 
     sub.add_parser("list", help="list the registered stages")
+
+    verify = sub.add_parser("verify", help="check a release bundle: hashes, files, smoke run (no torch)")
+    verify.add_argument("folder", type=Path, help="e.g. exported/<recipe>/release")
+
+    gate = sub.add_parser("gate", help="check a recipe's report against its gates (exit 3 on failure)")
+    from pipeline.gate import add_gate_arguments
+
+    add_gate_arguments(gate)
     return parser
 
 
@@ -94,4 +102,22 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "check": _cmd_check, "list": _cmd_list}
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.release import verify_command
+
+    return verify_command(args.folder)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from pipeline.gate import gate_command
+
+    return gate_command(args.recipe, args.baseline, args.junit, args.exported, args.overrides)
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "check": _cmd_check,
+    "list": _cmd_list,
+    "verify": _cmd_verify,
+    "gate": _cmd_gate,
+}

@@ -155,6 +155,11 @@ class Runner:
                 self._run_node(node, plan, data, machine, source_digest, label)
                 (ran if node.status == "ran" else cached).append(str(node.folder.relative_to(plan.root)))
             mf.write_json(root / "variants.json", self._index(plan, selected))
+            if self.until is None and self.recipe.data.eval is None:
+                # No labeled data, no accuracy: say so; `gate` then fails for lack of a report.
+                log.info("no data.eval in the recipe: validation, report and release skipped")
+            elif self.until is None:
+                self._validate_and_release(plan, data, machine)
             return RunResult(plan=plan, ran=ran, cached=cached)
         finally:
             lock.release()
@@ -281,6 +286,52 @@ class Runner:
         node.status, node.manifest = "ran", manifest
         log.info("%s done in %.1fs", label, manifest["duration_s"])
 
+    def _validate_and_release(self, plan: Plan, data: Any, machine: dict[str, Any]) -> None:
+        """Measure every variant against PyTorch, write the report, publish the release bundle.
+
+        Validation always re-measures (speed is a property of this run's machine); its outputs are
+        published atomically like a stage's. With no variant within the gates there is no release,
+        and an old bundle is removed so that a stale one never lingers.
+        """
+        from pipeline.release import build_release
+        from pipeline.stages.validate import validate_variants
+
+        root = plan.root
+        variant_dirs = {v: n.folder for v, n in plan.variants.items()}
+        manifests = {v: [n.manifest for n in final.chain()] for v, final in plan.variants.items()}
+        baseline = next((n.folder for n in plan.nodes if n.stage == "finetune"), plan.source_dir)
+        log.info("validating %d variant(s) against PyTorch ...", len(variant_dirs))
+        tmp = root / f".tmp-validate-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            report = validate_variants(self.recipe, variant_dirs, baseline, data, machine, tmp, manifests, log)
+        except PipelineError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StageError(f"validate failed: {type(err).__name__}: {err}") from err
+        _publish(tmp, root / "validate")
+        for name in ("report.json", "report.md", "report.html", "report.png"):
+            if (root / "validate" / name).exists():
+                staged = root / f".{name}.tmp"
+                shutil.copy2(root / "validate" / name, staged)
+                os.replace(staged, root / name)
+        release_tmp = root / f".tmp-release-{uuid.uuid4().hex[:8]}"
+        release_tmp.mkdir()
+        try:
+            manifest = build_release(self.recipe, report, variant_dirs, manifests, release_tmp)
+        except Exception:
+            shutil.rmtree(release_tmp, ignore_errors=True)
+            raise
+        if manifest is None:
+            shutil.rmtree(release_tmp, ignore_errors=True)
+            shutil.rmtree(root / "release", ignore_errors=True)
+            log.info("no release: %s", report.get("release", {}).get("reason"))
+        else:
+            _publish(release_tmp, root / "release")
+            log.info("released variant %s -> %s", manifest.get("variant"), root / "release")
+
     def _index(self, plan: Plan, selected: list[Node]) -> dict[str, Any]:
         index: dict[str, Any] = {"recipe": self.recipe.name, "variants": {}}
         for name, final in plan.variants.items():
@@ -337,5 +388,7 @@ def _publish(tmp: Path, target: Path) -> None:
 
 def _remove_leftovers(root: Path) -> None:
     """Delete temp and replaced folders that a killed run left behind (we hold the lock)."""
-    for leftover in list(root.glob("*/.tmp-*")) + list(root.glob("*/.old-*")):
+    for leftover in list(root.glob("*/.tmp-*")) + list(root.glob("*/.old-*")) + list(root.glob(".tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in list(root.glob(".old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
