@@ -55,6 +55,8 @@ def export(ctx: StageContext) -> dict[str, Any]:
 
     config: ExportConfig = ctx.config
     task = ctx.recipe.model.task
+    if task == "text-generation":  # one model for prompt and decode steps, with a KV cache
+        return _export_decoder(ctx, config)
     model = load_torch_model(ctx.input_dir, task, ctx.recipe.model.trust_remote_code)
     copy_metadata(ctx.input_dir, ctx.output_dir)
     # The same model object is exported and used as the parity reference, so a freshly
@@ -101,3 +103,23 @@ def export(ctx: StageContext) -> dict[str, Any]:
         "model_bytes": sum(f.stat().st_size for f in ctx.output_dir.glob("model.onnx*")),
         "external_data": (ctx.output_dir / EXTERNAL_DATA_FILE).exists(),
     }
+
+
+def decoder_parity(config: ExportConfig) -> Any:
+    """The decoder parity grid (prompt lengths and past lengths) from the export parity shapes."""
+    from pipeline.decoder.parity import DecoderParityConfig
+
+    return DecoderParityConfig.from_export_parity(config.parity.atol, config.parity.shapes)
+
+
+def _export_decoder(ctx: StageContext, config: ExportConfig) -> dict[str, Any]:
+    from pipeline.decoder.export import export_decoder
+
+    return export_decoder(
+        ctx.input_dir,
+        ctx.output_dir,
+        config.opset,
+        decoder_parity(config),
+        trust_remote_code=ctx.recipe.model.trust_remote_code,
+        log=ctx.log,
+    )

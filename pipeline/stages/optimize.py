@@ -118,6 +118,21 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
     )
 
     config: OptimizeConfig = ctx.config
+    if ctx.recipe.model.task == "text-generation":
+        from pipeline.decoder.fusion import optimize_decoder
+        from pipeline.stages.export import decoder_parity
+
+        if config.fp16:
+            raise InputError("optimize.fp16: not supported for text-generation models")
+        return optimize_decoder(
+            ctx.input_dir,
+            ctx.output_dir,
+            config.model_type,
+            config.opt_level,
+            require_attention_fusion=config.require_attention_fusion,
+            parity=decoder_parity(ctx.recipe.export),
+            atol=config.parity_atol or 1e-3,
+        )
     source = model_file(ctx.input_dir)
     arch = read_architecture(ctx.input_dir, config.model_type)
     providers = _fp16_providers(ctx) if config.fp16 else ["CPUExecutionProvider"]

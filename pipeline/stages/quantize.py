@@ -178,6 +178,8 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
     )
 
     config: QuantizeConfig = ctx.config
+    if ctx.recipe.model.task == "text-generation":
+        return _quantize_decoder(ctx, config)
     source = model_file(ctx.input_dir)
     graph_nodes = _graph_nodes(source)
     missing = [name for name in config.nodes_to_exclude if name not in graph_nodes]
@@ -582,3 +584,24 @@ def _size(folder: Path) -> int:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _quantize_decoder(ctx: StageContext, config: QuantizeConfig) -> dict[str, Any]:
+    """Decoders: dynamic INT8 or INT4 weight-only (LM head and embedding kept fp32, as measured)."""
+    from pipeline.decoder.quantize import quantize_decoder
+    from pipeline.stages.export import decoder_parity
+
+    if config.mode == "static":
+        raise InputError("quantize.mode: static is not supported for text-generation models")
+    # The parity grid feeds random past values; decoder quality is gated by perplexity and greedy
+    # agreement in validate, so no argmax floor here.
+    common = {"parity": decoder_parity(ctx.recipe.export), "min_argmax_agreement": None}
+    if config.mode == "dynamic":
+        return quantize_decoder(
+            ctx.input_dir, ctx.output_dir, "int8", per_channel=config.per_channel,
+            reduce_range=config.reduce_range, **common,
+        )
+    return quantize_decoder(
+        ctx.input_dir, ctx.output_dir, "int4", config.block_size, "rtn", False,
+        accuracy_level=config.accuracy_level, symmetric=config.int4_symmetric, **common,
+    )
