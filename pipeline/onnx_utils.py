@@ -205,3 +205,15 @@ def _valid_positions(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndar
         return None
     valid = mask.astype(bool)
     return np.broadcast_to(valid.reshape(valid.shape + (1,) * (len(shape) - 2)), shape)
+
+
+def count_ops(path: Path, op_types: Sequence[str]) -> dict[str, int]:
+    """How many nodes of each of `op_types` the model at `path` has (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts = dict.fromkeys(op_types, 0)
+    for node in model.graph.node:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts

@@ -304,7 +304,9 @@ class Runner:
         tmp = root / f".tmp-validate-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            report = validate_variants(self.recipe, variant_dirs, baseline, data, machine, tmp, manifests, log)
+            report = validate_variants(
+                self.recipe, variant_dirs, baseline, data, machine, tmp, manifests, log
+            )
         except PipelineError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

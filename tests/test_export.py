@@ -13,7 +13,6 @@ from pipeline.onnx_utils import open_session
 from pipeline.recipe import recipe_from_dict
 from pipeline.runner import Runner
 
-
 OUTPUTS = {
     "text-classification": ["logits"],
     "feature-extraction": ["last_hidden_state"],

@@ -554,14 +554,9 @@ def _graph_nodes(path: Path) -> dict[str, str]:
 
 
 def _count_ops(path: Path) -> dict[str, int]:
-    import onnx
+    from pipeline.onnx_utils import count_ops
 
-    model = onnx.load(str(path), load_external_data=False)
-    counts = dict.fromkeys(QUANT_OPS, 0)
-    for node in model.graph.node:
-        if node.op_type in counts:
-            counts[node.op_type] += 1
-    return counts
+    return count_ops(path, QUANT_OPS)
 
 
 def _vocab_size(folder: Path) -> int:
