@@ -13,7 +13,6 @@ proven equal to PyTorch on the recipe's parity shapes, then quantized with dynam
     unstr50        unstructured 50% (global L1; no recovery): same shapes, so no speed-up
     ffn50          FFN neurons 1536 -> 768 per layer, recovered (distilled from dense)
     heads50        6 of 12 heads per layer dropped, recovered (distilled from dense)
-    ffn50-iter2    (opt-in) ffn50 reached in 2 steps of 25%, each recovered half the epochs
 
 Printed per variant and precision: parameter count, ONNX file size, gzip size, Attention ops after
 ORT fusion (with the pruned head count), entity F1 (ONNX Runtime, eval split), ORT latency p50 at
@@ -39,10 +38,8 @@ VARIANTS = {
     "unstr50": {"kind": "unstructured", "amount": 0.5},
     "ffn50": {"kind": "ffn", "amount": 0.5},
     "heads50": {"kind": "heads", "amount": 0.5},
-    # same total recovery budget as ffn50, spent as 2 x (prune 25%, recover half the epochs)
-    "ffn50-iter2": {"kind": "ffn", "amount": 0.5, "schedule": "iterative", "steps": 2},
 }
-DEFAULT_VARIANTS = "dense,unstr50,ffn50,heads50"
+DEFAULT_VARIANTS = ",".join(VARIANTS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,10 +100,7 @@ def prune_variant(name, raw, recipe, bundle, dense: Path, work: Path, args, log)
 
     config = dict(raw)
     if config["kind"] != "unstructured" and not args.no_finetune and args.recover_epochs:
-        epochs = max(1, args.recover_epochs // config.get("steps", 1))
-        config.update(recover_epochs=epochs, distill=not args.no_distill)
-    elif config.get("schedule") == "iterative":
-        raise SystemExit(f"{name}: the iterative schedule needs recovery (a fine-tuned model)")
+        config.update(recover_epochs=args.recover_epochs, distill=not args.no_distill)
     tag = "-".join(f"{k}={v}" for k, v in sorted(config.items()))
     folder = work / f"{name}__{tag}"
     if (folder / "metrics.json").is_file():

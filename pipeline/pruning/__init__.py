@@ -8,7 +8,7 @@
 - `arch`: where those modules live per architecture (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT;
   GPT-2 for unstructured only); anything else is an InputError naming its model_type.
 - `recovery`: fine-tune after pruning with the fine-tune stage's `train_model`, optionally distilling.
-- `run`: the prune stage's work (schedule, recovery, save, reload check, metrics).
+- `run`: the prune stage's work (one-shot prune, recovery, save, reload check, metrics).
 - `metrics`: parameter counts and `gzip_bytes(*paths)` (the hook for an ONNX `gzip_bytes` metric).
 
 No heavy imports at module level: torch/transformers load inside the functions.

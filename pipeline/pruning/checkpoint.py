@@ -44,8 +44,11 @@ def save_checkpoint(model: Any, src: Path, dst: Path) -> list[str]:
     from pipeline.onnx_utils import copy_metadata
 
     copied = copy_metadata(src, dst)
-    for index_file in dst.glob("*.index.json"):  # a sharded source's index would shadow the new weights
-        index_file.unlink()
+    # a sharded source's index would shadow the new weights; an upstream stage's report is not ours
+    for stale in [*dst.glob("*.index.json"), dst / "report.txt"]:
+        if stale.is_file():
+            stale.unlink()
+            copied = [name for name in copied if name != stale.name]
     model.save_pretrained(dst, safe_serialization=True)
     if not (dst / "model.safetensors").is_file():
         raise StageError(f"{dst}: save_pretrained wrote no model.safetensors")

@@ -2,7 +2,7 @@
 
 Only structured pruning (kind `ffn` or `heads`) makes the exported model smaller and faster in
 ONNX Runtime; unstructured zeros keep the dense shapes (DESIGN.md §7) and only shrink the gzip size.
-The algorithms live in `pipeline.pruning`; this module reads the checkpoint, applies the schedule,
+The algorithms live in `pipeline.pruning`; this module reads the checkpoint, prunes it in one shot,
 optionally recovers accuracy by fine-tuning (with distillation from the unpruned model), and writes a
 normal Hugging Face checkpoint.
 """
@@ -48,15 +48,7 @@ class PruneConfig(StrictModel):
         "Linear to `amount` on its own (layer). Structured kinds are always uniform per layer so "
         "that the config describes the shapes.",
     )
-    schedule: Literal["one-shot", "iterative"] = Field(
-        "one-shot",
-        description="one-shot: prune to `amount` at once, then recover; iterative: reach `amount` in "
-        "`steps` equal steps, recovering recover_epochs after each.",
-    )
-    steps: int = Field(1, ge=1, le=20, description="Number of prune+recover steps (schedule iterative).")
-    recover_epochs: int = Field(
-        0, ge=0, description="Fine-tune epochs after pruning (per step when iterative; 0 = no recovery)."
-    )
+    recover_epochs: int = Field(0, ge=0, description="Fine-tune epochs after pruning (0 = no recovery).")
     recover_lr: float | None = Field(
         None, gt=0, description="Recovery learning rate; default: the recipe's finetune.lr (or its default)."
     )
@@ -90,15 +82,6 @@ class PruneConfig(StrictModel):
                 raise ValueError(
                     f"scope applies to kind unstructured only; {self.kind} pruning is uniform per layer "
                     "(a non-uniform shape cannot be described by the HF config)"
-                )
-        if self.schedule == "one-shot" and self.steps != 1:
-            raise ValueError(f"steps={self.steps} needs schedule: iterative")
-        if self.schedule == "iterative":
-            if self.steps < 2:
-                raise ValueError("schedule iterative needs steps >= 2")
-            if self.recover_epochs == 0:
-                raise ValueError(
-                    "schedule iterative needs recover_epochs >= 1 (without recovery it equals one-shot)"
                 )
         if self.recover_epochs == 0 and (self.distill or self.recover_lr is not None):
             raise ValueError("distill / recover_lr need recover_epochs >= 1")
