@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import StrictModel, check_provider_names
 from pipeline.errors import InputError, PipelineError
 
 if TYPE_CHECKING:
@@ -96,11 +96,7 @@ class GatesConfig(StrictModel):
     @field_validator("require_provider")
     @classmethod
     def _check_providers(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not name.endswith("ExecutionProvider"):
-                raise ValueError(
-                    f"expected ONNX Runtime provider names like CUDAExecutionProvider, got {name!r}"
-                )
+        check_provider_names(value)
         return value
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import StrictModel, check_provider_names
 from pipeline.errors import InputError, RecipeError, StageError
 
 if TYPE_CHECKING:
@@ -118,11 +118,7 @@ class ValidateConfig(StrictModel):
     @field_validator("providers")
     @classmethod
     def _check_providers(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not name.endswith("ExecutionProvider"):
-                raise ValueError(
-                    f"expected ONNX Runtime provider names like CUDAExecutionProvider, got {name!r}"
-                )
+        check_provider_names(value)
         ordered = list(dict.fromkeys(value))
         return ordered if CPU in ordered else [CPU, *ordered]
 
