@@ -66,6 +66,17 @@ def test_interleaved_blocks_and_progress():
         interleaved(candidates, warmup=0, iters=0)
 
 
+def test_settle_runs_open_every_turn_untimed():
+    calls: list[str] = []
+    ticks = iter(range(1000))
+    candidates = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    times = interleaved(candidates, warmup=0, iters=4, block=2, settle=1, clock=lambda: next(ticks))
+    # Each turn: one settle call, then `block` timed calls; order rotates every round.
+    assert calls == list("aaabbbbbbaaa")
+    assert len(times["a"]) == len(times["b"]) == 4
+    assert all(ms == 1000.0 for ms in times["a"] + times["b"])  # one clock tick per timed call only
+
+
 def test_speedups_are_p50_ratios_and_geometric_mean():
     ref = {"b1_s64": {"p50_ms": 40.0}, "b8_s64": {"p50_ms": 200.0}}
     cand = {"b1_s64": {"p50_ms": 10.0}, "b8_s64": {"p50_ms": 80.0}, "b2_s8": {"p50_ms": 1.0}}

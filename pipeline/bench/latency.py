@@ -41,19 +41,23 @@ def interleaved(
     warmup: int,
     iters: int,
     block: int = 1,
+    settle: int = 0,
     progress: Any = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time every candidate `iters` times (milliseconds per call), taking turns block by block.
 
-    Warm-up calls are interleaved the same way and not recorded. The garbage collector is paused
+    Warm-up calls are interleaved the same way and not recorded. `settle` untimed calls open every
+    turn: a runtime whose thread pool still spins (or sleeps) after the previous candidate's run
+    would otherwise charge that hand-over to the first timed call. The garbage collector is paused
     while timing (as timeit does). `progress` (a tqdm bar or None) is advanced by one per timed call.
     """
     if not candidates:
         return {}
-    if iters < 1 or warmup < 0 or block < 1:
+    if iters < 1 or warmup < 0 or block < 1 or settle < 0:
         raise ValueError(
-            f"interleaved: need iters >= 1, warmup >= 0, block >= 1 (got {iters}, {warmup}, {block})"
+            f"interleaved: need iters >= 1, warmup >= 0, block >= 1, settle >= 0 "
+            f"(got {iters}, {warmup}, {block}, {settle})"
         )
     names = list(candidates)
     for _ in range(warmup):
@@ -69,6 +73,8 @@ def interleaved(
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
                 fn = candidates[name]
+                for _ in range(settle):
+                    fn()
                 runs = min(block, iters - len(times[name]))
                 for _ in range(runs):
                     started = clock()

@@ -66,13 +66,20 @@ class LatencyConfig(StrictModel):
     warmup: int = Field(
         5, ge=0, description="Untimed runs of each candidate before timing (interleaved too)."
     )
-    iters: int = Field(50, ge=1, description="Timed runs per candidate and shape.")
+    iters: int = Field(60, ge=1, description="Timed runs per candidate and shape (in turns of `block` runs).")
     threads: int = Field(2, ge=1, description="Intra-op threads for PyTorch and ONNX Runtime.")
     block: int = Field(
-        1,
+        20,
         ge=1,
-        description="Consecutive timed runs of one candidate per turn of the round robin (1 = strict "
-        "alternation; larger blocks cut cross-talk between runtimes' thread pools).",
+        description="Consecutive timed runs of one candidate per turn of the round robin. Strict "
+        "alternation (1) lets one runtime's still-spinning thread pool slow the next candidate: "
+        "measured here, it made PyTorch eager 3x slower at batch 1 and inflated every speed-up.",
+    )
+    settle: int = Field(
+        2,
+        ge=0,
+        description="Untimed runs that open every turn, absorbing the hand-over from the previous "
+        "candidate's threads.",
     )
 
     @field_validator("batch_sizes", "seq_lens")
@@ -487,6 +494,7 @@ def _encoder_part(
 
     from pipeline.bench import interleaved, shape_key, speedups, summarize, torch_threads
     from pipeline.bench.memprobe import measure_peak_memory
+    from pipeline.decoder.tiny import random_weights
     from pipeline.onnx_utils import dummy_inputs, model_file
     from pipeline.tasks import get_task, id2label_of, load_tokenizer
 
@@ -614,7 +622,14 @@ def _encoder_part(
                 for label, (fn, names) in candidates.items():
                     inputs = dummy_inputs(names, batch, seq, vocab_size, seed=0)
                     calls[label] = lambda fn=fn, inputs=inputs: fn(inputs)
-                times = interleaved(calls, warmup=lat.warmup, iters=lat.iters, block=lat.block, progress=bar)
+                times = interleaved(
+                    calls,
+                    warmup=lat.warmup,
+                    iters=lat.iters,
+                    block=lat.block,
+                    settle=lat.settle,
+                    progress=bar,
+                )
                 for label, ms in times.items():
                     timings[label][shape_key(batch, seq)] = summarize(ms, batch)
                 log.info(
@@ -682,6 +697,7 @@ def _encoder_part(
             p: ("used" if ok else f"{NOT_AVAILABLE} ({reason})") for p, (ok, reason) in availability.items()
         },
         "settings": {
+            "random_weights": random_weights(baseline_hf_dir),
             "memory_method": (
                 "peak RSS growth while loading + one inference at the largest shape "
                 f"(b{biggest[0]} s{biggest[1]}), each candidate in a fresh process"
@@ -689,7 +705,14 @@ def _encoder_part(
                 else "not measured (validate.measure_memory: false)"
             ),
         },
-        "notes": [],
+        "notes": (
+            [
+                "random weights (config.json pipeline_random_weights): the metric measures the "
+                "variants' fidelity to the fp32 model, not a task skill; only the speed figures transfer"
+            ]
+            if random_weights(baseline_hf_dir)
+            else []
+        ),
         "load_average_1m": {"before_timing": load_before, "after_timing": load_after},
     }
 
