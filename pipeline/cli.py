@@ -1,4 +1,4 @@
-"""Command line: python -m pipeline run|check|list|verify|gate ...
+"""Command line: python -m pipeline run|check|list|verify|gate|bench ...
 
 Exit codes: 0 ok, 1 stage failure, 2 bad input (recipe, paths, model, data), 3 gate failure.
 """
@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
     run.add_argument("--until", metavar="STAGE", help="stop each variant after this stage")
     run.add_argument(
+        "--revalidate",
+        action="store_true",
+        help="measure accuracy and speed again even when nothing changed (stages stay cached)",
+    )
+    run.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -41,6 +46,29 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check a release bundle: hashes, files, smoke run (no torch)")
     verify.add_argument("folder", type=Path, help="e.g. exported/<recipe>/release")
+
+    bench = sub.add_parser(
+        "bench",
+        help="time and score the recipe's variants beside PyTorch, torch INT8 and Optimum "
+        "(writes OUT/RESULTS.md and OUT/results/<recipe>.json)",
+    )
+    bench.add_argument("recipe", type=Path, help="recipe YAML file (run first; cached stages are reused)")
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field (repeatable)",
+    )
+    bench.add_argument("--exported", type=Path, default=Path("exported"), help="output root folder")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where results are written")
+    bench.add_argument("--iters", type=int, default=100, help="timed runs per candidate and shape")
+    bench.add_argument("--settle", type=int, default=2, help="untimed runs opening every turn")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed runs per candidate and shape")
+    bench.add_argument(
+        "--block", type=int, default=20, help="consecutive timed runs of one candidate per turn"
+    )
 
     gate = sub.add_parser("gate", help="check a recipe's report against its gates (exit 3 on failure)")
     from pipeline.gate import add_gate_arguments
@@ -68,7 +96,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = Runner(recipe, exported=args.exported, force=args.force, until=args.until).run()
+    result = Runner(
+        recipe, exported=args.exported, force=args.force, until=args.until, revalidate=args.revalidate
+    ).run()
     log.info(
         "recipe %s: %d stage(s) ran, %d cached; outputs in %s",
         recipe.name,
@@ -108,6 +138,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return verify_command(args.folder)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench.peers import run_benchmark
+
+    if min(args.iters, args.block) < 1 or min(args.warmup, args.settle) < 0:
+        raise RecipeError(
+            f"bench: --iters and --block must be >= 1, --warmup and --settle >= 0 (got "
+            f"{args.iters}, {args.block}, {args.warmup}, {args.settle})"
+        )
+    result = run_benchmark(
+        args.recipe,
+        args.overrides,
+        args.exported,
+        args.out,
+        args.iters,
+        args.warmup,
+        args.block,
+        args.settle,
+    )
+    log.info("bench: %s written (%d candidates)", args.out / "RESULTS.md", len(result["candidates"]))
+    return 0
+
+
 def _cmd_gate(args: argparse.Namespace) -> int:
     from pipeline.gate import gate_command
 
@@ -120,4 +172,5 @@ _COMMANDS = {
     "list": _cmd_list,
     "verify": _cmd_verify,
     "gate": _cmd_gate,
+    "bench": _cmd_bench,
 }

@@ -117,11 +117,17 @@ class Runner:
     """Runs a plan: cache lookups, stage calls, manifests, atomic publication, the recipe lock."""
 
     def __init__(
-        self, recipe: Recipe, exported: Path = Path("exported"), force: bool = False, until: str | None = None
+        self,
+        recipe: Recipe,
+        exported: Path = Path("exported"),
+        force: bool = False,
+        until: str | None = None,
+        revalidate: bool = False,
     ):
         self.recipe = recipe
         self.exported = Path(exported)
         self.force = force
+        self.revalidate = revalidate
         self.until = until
         if until is not None:
             get_stage(until)  # unknown name -> RecipeError listing the known stages
@@ -289,23 +295,85 @@ class Runner:
     def _validate_and_release(self, plan: Plan, data: Any, machine: dict[str, Any]) -> None:
         """Measure every variant against PyTorch, write the report, publish the release bundle.
 
-        Validation always re-measures (speed is a property of this run's machine); its outputs are
-        published atomically like a stage's. With no variant within the gates there is no release,
-        and an old bundle is removed so that a stale one never lingers.
+        Measurements are cached like a stage: their key covers every variant's output digest, the
+        baseline, the eval data, the validate and model settings, the machine fingerprint and the
+        package versions, so a rerun with nothing changed on the same machine reuses them (and
+        `--force` / `--revalidate` measures again). When only `gates` or `release` changed, the
+        decisions are recomputed from the cached measurements. Outputs are published atomically;
+        with no variant within the gates there is no release, and an old bundle is removed so that
+        a stale one never lingers.
         """
+        import json
+
         from pipeline.release import build_release
-        from pipeline.stages.validate import validate_variants
+        from pipeline.stages.validate import finalize_report, validate_variants
 
         root = plan.root
         variant_dirs = {v: n.folder for v, n in plan.variants.items()}
         manifests = {v: [n.manifest for n in final.chain()] for v, final in plan.variants.items()}
-        baseline = next((n.folder for n in plan.nodes if n.stage == "finetune"), plan.source_dir)
-        log.info("validating %d variant(s) against PyTorch ...", len(variant_dirs))
+        baseline_node = next((n for n in plan.nodes if n.stage == "finetune"), None)
+        baseline = baseline_node.folder if baseline_node else plan.source_dir
+        measure_key = mf.sha256_text(
+            canonical_json(
+                {
+                    "validate": self.recipe.validate_.model_dump(mode="json"),
+                    "model": self.recipe.model.model_dump(mode="json", exclude={"source", "revision"}),
+                    "variants": {v: mf.digest_of(n.manifest["outputs"]) for v, n in plan.variants.items()},
+                    "baseline": mf.digest_of(
+                        baseline_node.manifest["outputs"] if baseline_node else mf.hash_folder(baseline)
+                    ),
+                    "eval": data.digest("eval"),
+                    "machine": machine,
+                    "versions": mf.versions(),
+                }
+            )
+        )
+        decision_key = mf.sha256_text(
+            canonical_json(
+                {
+                    "gates": self.recipe.gates.model_dump(mode="json"),
+                    "release": self.recipe.release.model_dump(mode="json"),
+                }
+            )
+        )
+        previous = mf.read_manifest(root / "validate")
+        measured = (
+            not (self.force or self.revalidate)
+            and previous is not None
+            and previous.get("cache_key") == measure_key
+            and mf.outputs_intact(root / "validate", previous)
+        )
+        if measured and previous.get("decision_key") == decision_key and _release_intact(root, previous):
+            log.info(
+                "validate cached (key %s, measured %s), skipped; --revalidate measures again",
+                measure_key[:12],
+                previous.get("measured_at"),
+            )
+            return
         tmp = root / f".tmp-validate-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            report = validate_variants(
-                self.recipe, variant_dirs, baseline, data, machine, tmp, manifests, log
+            if measured:
+                log.info("validate: measurements cached (key %s); gates or release changed", measure_key[:12])
+                report = json.loads((root / "validate" / "report.json").read_text(encoding="utf-8"))
+                report = finalize_report(self.recipe, report, tmp, log)
+                measured_at = previous.get("measured_at")
+            else:
+                log.info("validating %d variant(s) against PyTorch ...", len(variant_dirs))
+                measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                report = validate_variants(
+                    self.recipe, variant_dirs, baseline, data, machine, tmp, manifests, log
+                )
+            mf.write_json(
+                tmp / mf.MANIFEST,
+                {
+                    "stage": "validate",
+                    "cache_key": measure_key,
+                    "decision_key": decision_key,
+                    "measured_at": measured_at,
+                    "release": report.get("release", {}).get("variant"),
+                    "outputs": mf.hash_folder(tmp),
+                },
             )
         except PipelineError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -346,6 +414,24 @@ class Runner:
                 "complete": chain[-1] is final,
             }
         return index
+
+
+def _release_intact(root: Path, validate_manifest: dict[str, Any]) -> bool:
+    """The published release matches the cached report's pick and passes `verify` (or, when the
+    report picked nothing, no bundle is there)."""
+    import json
+
+    from pipeline.release import verify_release
+
+    expected = validate_manifest.get("release")
+    folder = root / "release"
+    if expected is None:
+        return not folder.exists()
+    try:
+        variant = json.loads((folder / mf.MANIFEST).read_text(encoding="utf-8")).get("variant")
+    except (OSError, ValueError):
+        return False
+    return variant == expected and not verify_release(folder)
 
 
 def _split_used(recipe: Recipe, split: str) -> bool:
