@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 from fixtures_tiny import make_ner_examples, make_text_examples, make_tiny_bert, write_conll
 
@@ -163,3 +164,28 @@ def test_finetune_stage_rejects_embeddings(tmp_path, bare_dir):
     ctx = _context(tmp_path, bare_dir, "feature-extraction", data)
     with pytest.raises(InputError, match="feature-extraction cannot be fine-tuned"):
         get_stage("finetune").fn(ctx)
+
+
+def test_group_by_length_batches_cover_the_epoch_with_less_padding():
+    import torch
+
+    from pipeline.stages.finetune import _epoch_order
+    from pipeline.tasks.base import Encoded
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 64, size=1000)
+    encoded = Encoded(features={"input_ids": [[1] * int(n) for n in lengths]})
+
+    def epoch(grouped: bool, seed: int = 0) -> list[list[int]]:
+        config = FinetuneConfig(batch_size=16, group_by_length=grouped)
+        return _epoch_order(encoded, config, torch.Generator().manual_seed(seed))
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped, plain = epoch(True), epoch(False)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert len(batches) == 63 and all(len(b) <= 16 for b in batches)
+    assert padded(grouped) < 0.75 * padded(plain)
+    assert epoch(True) == grouped and epoch(True, seed=1) != grouped  # seeded, still shuffled
