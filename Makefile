@@ -9,7 +9,7 @@ ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 ARGS ?=
 
-.PHONY: setup run test test-all check clean finetune prune export optimize quantize list gate verify baseline
+.PHONY: setup run test test-all check clean finetune prune export optimize quantize list gate verify baseline models bench
 
 setup: $(STAMP)
 
@@ -25,8 +25,33 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-run: setup
+# Models the offline recipes run on, built from configs (no network): recipe name -> model folder.
+# `run` and the stage targets build the one RECIPE needs (nothing for other recipes).
+TINY_GPT2 := exported/_models/tiny-gpt2/config.json
+BERT_BASE_RANDOM := exported/_models/bert-base-random/config.json
+MODEL_tiny-gpt2-offline := $(TINY_GPT2)
+MODEL_bert-base-speed := $(BERT_BASE_RANDOM)
+RECIPE_MODEL := $(MODEL_$(basename $(notdir $(RECIPE))))
+
+models: $(TINY_GPT2) $(BERT_BASE_RANDOM)
+
+# Built in a temporary folder and moved into place, so an interrupted build leaves no config.json.
+$(TINY_GPT2): | $(STAMP)
+	rm -rf $(@D).tmp
+	$(PY) -m pipeline.decoder.tiny $(@D).tmp --arch gpt2 --train-steps 300
+	rm -rf $(@D) && mv $(@D).tmp $(@D)
+
+# Random weights (seed 0); the builder writes atomically and refuses a foreign non-empty folder.
+$(BERT_BASE_RANDOM): | $(STAMP)
+	$(PY) -m pipeline.random_encoder $(@D) --shape bert-base
+
+run: setup $(RECIPE_MODEL)
 	$(PY) -m pipeline run $(RECIPE) $(ARGS)
+
+# RECIPE beside PyTorch eager, torch dynamic INT8, plain ONNX Runtime and Optimum's preset path, in
+# one process: writes benchmarks/RESULTS.md and benchmarks/results/<recipe>.json (see README).
+bench: setup $(RECIPE_MODEL)
+	$(PY) -m pipeline bench $(RECIPE) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
@@ -52,7 +77,7 @@ baseline: setup
 	PIPELINE_WRITE_BASELINE=1 $(PY) -m pytest -q tests/test_end_to_end.py
 
 # One target per stage: run each variant of RECIPE up to and including that stage.
-finetune prune export optimize quantize: setup
+finetune prune export optimize quantize: setup $(RECIPE_MODEL)
 	$(PY) -m pipeline run $(RECIPE) --until $@ $(ARGS)
 
 clean:
