@@ -593,10 +593,21 @@ def _quantize_decoder(ctx: StageContext, config: QuantizeConfig) -> dict[str, An
     common = {"parity": decoder_parity(ctx.recipe.export), "min_argmax_agreement": None}
     if config.mode == "dynamic":
         return quantize_decoder(
-            ctx.input_dir, ctx.output_dir, "int8", per_channel=config.per_channel,
-            reduce_range=config.reduce_range, **common,
+            ctx.input_dir,
+            ctx.output_dir,
+            "int8",
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            **common,
         )
     return quantize_decoder(
-        ctx.input_dir, ctx.output_dir, "int4", config.block_size, "rtn", False,
-        accuracy_level=config.accuracy_level, symmetric=config.int4_symmetric, **common,
+        ctx.input_dir,
+        ctx.output_dir,
+        "int4",
+        config.block_size,
+        "rtn",
+        False,
+        accuracy_level=config.accuracy_level,
+        symmetric=config.int4_symmetric,
+        **common,
     )
