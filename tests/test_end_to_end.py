@@ -20,7 +20,7 @@ BASELINE = ROOT / "tests" / "baselines" / "minilm-ner-wnut16-reduced.json"
 REDUCED = [
     "finetune.epochs=2",
     "variants={fp32: [], int8-dynamic: [{quantize: {mode: dynamic, per_channel: true}}]}",
-    "validate.latency={batch_sizes: [1, 8], seq_lens: [64], warmup: 3, iters: 15, threads: 1}",
+    "validate.latency={batch_sizes: [1, 8], seq_lens: [64], warmup: 3, iters: 40, block: 20, threads: 1}",
     # Ratios from a 1-thread, interleaved run on a noisy 2-core machine: wide tolerance, on purpose.
     "gates.baseline_speedup_tolerance=0.6",
     "gates.min_speedup_vs_pytorch=1.0",
