@@ -4,12 +4,15 @@ For each context length L (batch 1):
 - prefill: the L-token prompt with an empty past; prompt tokens/s = L / time.
 - decode step: one new token after a past of exactly L positions (the same past every time, so the
   latency is that of context L, not of a growing cache); p50/p90 in ms, decode tokens/s = 1000 / p50.
-All backends are timed in the same process, interleaved (one run of each in turn, the order rotated
-every round), with the thread count pinned, so that their ratios hold on a noisy machine.
+All backends are timed in the same process, interleaved (turns of `block` timed runs after `settle`
+untimed ones, the order rotated every round), with the thread count pinned, so that their ratios
+hold on a noisy machine. The untimed runs matter: a runtime whose thread pool still spins after its
+run slows the next backend's first run (pipeline.bench.latency).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,6 +84,8 @@ def decode_speed(
     threads: int = 2,
     baseline: str | None = "pytorch",
     seed: int = 0,
+    block: int = 5,
+    settle: int = 1,
 ) -> dict[str, Any]:
     """Time every backend at every context length, interleaved; ratios vs `baseline` when present.
 
@@ -90,6 +95,11 @@ def decode_speed(
 
     if not backends:
         raise InputError("decode_speed: no backends to time")
+    if iters < 1 or block < 1 or warmup < 0 or settle < 0:
+        raise InputError(
+            f"decode_speed: need iters, block >= 1 and warmup, settle >= 0 "
+            f"(got {iters}, {block}, {warmup}, {settle})"
+        )
     if not context_lens or min(context_lens) < 1:
         raise InputError(f"decode_speed: context lengths must be >= 1, got {list(context_lens)}")
     torch.set_num_threads(threads)
@@ -102,16 +112,23 @@ def decode_speed(
         pasts = {name: backends[name].prefill(ids) for name in names}
         prefill_ms: dict[str, list[float]] = {n: [] for n in names}
         step_ms: dict[str, list[float]] = {n: [] for n in names}
-        for round_index in range(warmup + iters):
+        for name in names:  # untimed warm-up, one backend at a time
+            for _ in range(warmup):
+                backends[name].prefill(ids)
+                backends[name].step(token, pasts[name])
+        for round_index in range(math.ceil(iters / block)):
             order = names[round_index % len(names) :] + names[: round_index % len(names)]
             for name in order:
                 backend = backends[name]
-                start = time.perf_counter()
-                backend.prefill(ids)
-                middle = time.perf_counter()
-                backend.step(token, pasts[name])
-                end = time.perf_counter()
-                if round_index >= warmup:
+                for _ in range(settle):  # absorbs the previous backend's still-busy threads
+                    backend.prefill(ids)
+                    backend.step(token, pasts[name])
+                for _ in range(min(block, iters - len(step_ms[name]))):
+                    start = time.perf_counter()
+                    backend.prefill(ids)
+                    middle = time.perf_counter()
+                    backend.step(token, pasts[name])
+                    end = time.perf_counter()
                     prefill_ms[name].append((middle - start) * 1e3)
                     step_ms[name].append((end - middle) * 1e3)
         for name in names:
@@ -140,6 +157,8 @@ def decode_speed(
         "threads": threads,
         "warmup": warmup,
         "iters": iters,
+        "block": block,
+        "settle": settle,
         "batch": 1,
         "context_lens": list(context_lens),
         "results": results,
