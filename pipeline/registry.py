@@ -60,9 +60,14 @@ class StageSpec:
     fn: StageFn
     consumes: ArtifactKind
     produces: ArtifactKind
-    # Data splits the stage reads; their content hashes go into the cache key.
-    data_splits: tuple[str, ...] = ()
+    # Data splits the stage reads (or a function of its config returning them); their content
+    # hashes go into the cache key, so a stage re-runs when data it reads changes, and only then.
+    data_splits: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     description: str = ""
+
+    def splits(self, config: BaseModel) -> tuple[str, ...]:
+        """The data splits this stage reads with `config`."""
+        return tuple(self.data_splits(config) if callable(self.data_splits) else self.data_splits)
 
 
 _STAGES: dict[str, StageSpec] = {}
@@ -83,7 +88,7 @@ def stage(
     config: type[BaseModel],
     consumes: ArtifactKind,
     produces: ArtifactKind,
-    data_splits: tuple[str, ...] = (),
+    data_splits: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = (),
 ) -> Callable[[StageFn], StageFn]:
     """Register `fn` as the stage `name`."""
 

