@@ -138,17 +138,21 @@ def parity_grid(
     *,
     label: str = "ONNX model",
     min_argmax_agreement: float | None = None,
+    min_cosine_mean: float | None = None,
     raise_on_atol: bool = True,
 ) -> dict[str, Any]:
     """Compare `session` with `reference` on each [batch, seq] shape; ParityError when they differ.
 
     Padded positions are excluded from the comparison (their outputs are unused and legitimately
-    differ between implementations). Returns per-shape and overall max |diff| and argmax agreement.
+    differ between implementations). Returns per-shape and overall max |diff|, argmax agreement
+    (meaningful for class scores) and the mean and lowest cosine similarity of the output vectors
+    (one per token: hidden states or logits) to the reference's (meaningful for embeddings).
     """
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     per_shape = []
-    worst, agree_num, agree_den = 0.0, 0, 0
+    worst, agree_num, agree_den, cosine_min = 0.0, 0, 0, 1.0
+    cosine_sum, cosine_count = 0.0, 0
     for index, (batch, seq) in enumerate(shapes):
         inputs = dummy_inputs(input_names, batch, seq, vocab_size, seed=index)
         expected = reference(inputs)
@@ -172,18 +176,28 @@ def parity_grid(
             shape_diff = max(shape_diff, float(diff.max()) if diff.size else 0.0)
             if exp.ndim >= 2 and exp.shape[-1] > 1:
                 same = np.argmax(exp, axis=-1) == np.argmax(act, axis=-1)
+                dot = (exp * act).sum(-1)
+                norms = np.linalg.norm(exp, axis=-1) * np.linalg.norm(act, axis=-1)
+                cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 1.0)
                 mask = inputs.get("attention_mask")
                 if mask is not None and same.shape == mask.shape:  # per-token outputs: skip padding
-                    same = same[mask.astype(bool)]
+                    same, cosine = same[mask.astype(bool)], cosine[mask.astype(bool)]
                 agree_num += int(same.sum())
                 agree_den += int(same.size)
+                if cosine.size:
+                    cosine_min = min(cosine_min, float(cosine.min()))
+                    cosine_sum += float(cosine.sum())
+                    cosine_count += int(cosine.size)
         per_shape.append({"batch": batch, "seq": seq, "max_abs_diff": shape_diff})
         worst = max(worst, shape_diff)
     agreement = agree_num / agree_den if agree_den else 1.0
+    cosine_mean = cosine_sum / cosine_count if cosine_count else 1.0
     result = {
         "atol": atol,
         "max_abs_diff": worst,
         "argmax_agreement": agreement,
+        "cosine_mean": round(cosine_mean, 6),
+        "cosine_min": round(cosine_min, 6),
         "shapes": per_shape,
     }
     if raise_on_atol and worst > atol:
@@ -195,6 +209,11 @@ def parity_grid(
     if min_argmax_agreement is not None and agreement < min_argmax_agreement:
         raise ParityError(
             f"{label}: argmax agreement {agreement:.3f} is below the minimum {min_argmax_agreement:g}"
+        )
+    if min_cosine_mean is not None and cosine_mean < min_cosine_mean:
+        raise ParityError(
+            f"{label}: mean output cosine similarity {cosine_mean:.4f} is below the minimum "
+            f"{min_cosine_mean:g}"
         )
     return result
 

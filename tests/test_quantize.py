@@ -221,3 +221,27 @@ def test_output_error_figures():
     assert 30 < error["sqnr_db"] < 32  # 10*log10(14 / 0.01)
     flipped = [[np.array([[1.0, 3.5, 3.0]], dtype=np.float32)]]
     assert output_error(ref, flipped)["argmax_agreement"] == 0.0
+
+
+def test_fidelity_check_follows_the_task(models, tmp_path):
+    """Class scores: argmax agreement (default 0.9). Hidden states (feature-extraction): mean cosine
+    (default 0.98), since the argmax of an embedding is no prediction."""
+    from fixtures_optimize import make_recipe
+
+    from pipeline.stages.quantize import _min_agreement, _min_cosine_mean
+
+    assert _min_agreement(QuantizeConfig(), "token-classification") == 0.9
+    assert _min_agreement(QuantizeConfig(), "feature-extraction") is None
+    assert _min_cosine_mean(QuantizeConfig(), "feature-extraction") == 0.98
+    assert _min_cosine_mean(QuantizeConfig(), "text-classification") is None
+    assert _min_agreement(QuantizeConfig(min_argmax_agreement=0.5), "feature-extraction") == 0.5
+
+    metrics = _run(QuantizeConfig(mode="dynamic"), models["plain"], tmp_path / "ok")
+    parity = metrics["parity"]
+    assert 0.9 < parity["cosine_mean"] <= 1.0 and parity["cosine_min"] <= parity["cosine_mean"]
+    recipe = make_recipe()
+    recipe.model.task = "feature-extraction"
+    with pytest.raises(ParityError, match="mean output cosine similarity .* below the minimum 1"):
+        quantize(
+            make_ctx(QuantizeConfig(min_cosine_mean=1.0), models["plain"], tmp_path / "b", recipe=recipe)
+        )

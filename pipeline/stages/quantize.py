@@ -144,12 +144,22 @@ class QuantizeConfig(StrictModel):
         description="Fail when max |quantized - fp32| on the parity shapes exceeds this. None = report "
         "only (quantization error is expected; argmax agreement is the check).",
     )
-    min_argmax_agreement: float = Field(
-        0.9,
+    min_argmax_agreement: float | None = Field(
+        None,
         ge=0,
         le=1,
         description="Fail when the argmax of the quantized model's outputs agrees with the fp32 "
-        "input's on fewer than this fraction of (non-padded) positions of the parity shapes.",
+        "input's on fewer than this fraction of (non-padded) positions of the parity shapes. None = "
+        "0.9 for tasks whose outputs are class scores; not checked for feature-extraction, whose "
+        "outputs are hidden states (their argmax is no prediction; min_cosine checks them).",
+    )
+    min_cosine_mean: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Fail when the mean cosine similarity of the (non-padded, per-token) output "
+        "vectors to the fp32 input's falls below this on the parity shapes. None = 0.98 for "
+        "feature-extraction, not checked for class scores.",
     )
 
     @model_validator(mode="after")
@@ -160,6 +170,18 @@ class QuantizeConfig(StrictModel):
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         return self
+
+
+def _min_agreement(config: QuantizeConfig, task: str) -> float | None:
+    if config.min_argmax_agreement is not None:
+        return config.min_argmax_agreement
+    return None if task == "feature-extraction" else 0.9
+
+
+def _min_cosine_mean(config: QuantizeConfig, task: str) -> float | None:
+    if config.min_cosine_mean is not None:
+        return config.min_cosine_mean
+    return 0.98 if task == "feature-extraction" else None
 
 
 def _splits_read(config: QuantizeConfig) -> tuple[str, ...]:
@@ -227,7 +249,8 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
         config.parity_atol if config.parity_atol is not None else math.inf,
         vocab_size,
         label=f"quantized model ({config.mode}) {target}",
-        min_argmax_agreement=config.min_argmax_agreement,
+        min_argmax_agreement=_min_agreement(config, ctx.recipe.model.task),
+        min_cosine_mean=_min_cosine_mean(config, ctx.recipe.model.task),
         raise_on_atol=config.parity_atol is not None,
     )
     if parity["atol"] == math.inf:
