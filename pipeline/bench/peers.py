@@ -124,7 +124,7 @@ def _optimum_candidates(export_dir: Path, work: Path, preset: str, threads: int)
             precision_of(path),
             ort_forward(session),
             [i.name for i in session.get_inputs()],
-            artifact=str(path),
+            artifact=None,  # written to a temporary folder, not kept
         )
 
     def o2_then_preset() -> Path:
