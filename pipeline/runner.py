@@ -14,6 +14,7 @@ into place, with its manifest. A lock file keeps two runs of one recipe from wri
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,10 @@ class Node:
             node = node.parent
         return nodes[::-1]
 
+    def export_node(self) -> Node:
+        """The export stage this node's chain runs through (every variant chain has one)."""
+        return next(n for n in self.chain() if n.stage == "export")
+
 
 @dataclass
 class Plan:
@@ -70,6 +75,22 @@ class Plan:
     source_dir: Path
     nodes: list[Node]
     variants: dict[str, Node]
+
+    def finetune_node(self) -> Node | None:
+        """The shared fine-tune stage, when the recipe fine-tunes."""
+        return next((n for n in self.nodes if n.stage == "finetune"), None)
+
+    def baseline_dir(self) -> Path:
+        """The PyTorch checkpoint every variant is measured against: fine-tuned, else the source."""
+        node = self.finetune_node()
+        return node.folder if node else self.source_dir
+
+    def plain_export_node(self) -> Node | None:
+        """The export of the un-pruned model (None when every variant prunes)."""
+        return next(
+            (n for n in self.nodes if n.stage == "export" and all(p.stage != "prune" for p in n.chain())),
+            None,
+        )
 
 
 def build_plan(recipe: Recipe, exported: Path, source_dir: Path) -> Plan:
@@ -303,16 +324,14 @@ class Runner:
         with no variant within the gates there is no release, and an old bundle is removed so that
         a stale one never lingers.
         """
-        import json
-
         from pipeline.release import build_release
         from pipeline.stages.validate import finalize_report, validate_variants
 
         root = plan.root
         variant_dirs = {v: n.folder for v, n in plan.variants.items()}
         manifests = {v: [n.manifest for n in final.chain()] for v, final in plan.variants.items()}
-        baseline_node = next((n for n in plan.nodes if n.stage == "finetune"), None)
-        baseline = baseline_node.folder if baseline_node else plan.source_dir
+        baseline_node = plan.finetune_node()
+        baseline = plan.baseline_dir()
         measure_key = mf.sha256_text(
             canonical_json(
                 {
@@ -419,8 +438,6 @@ class Runner:
 def _release_intact(root: Path, validate_manifest: dict[str, Any]) -> bool:
     """The published release matches the cached report's pick and passes `verify` (or, when the
     report picked nothing, no bundle is there)."""
-    import json
-
     from pipeline.release import verify_release
 
     expected = validate_manifest.get("release")

@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -96,13 +97,30 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".strip()
 
 
+def _ort_candidate(
+    name: str, role: str, what: str, path: Path, threads: int, artifact: str | None
+) -> Candidate:
+    """An ONNX model in a session with validation's options, as a timed and scored candidate."""
+    from pipeline.stages.validate import CPU, make_session, ort_forward
+
+    session = make_session(path, CPU, threads)
+    return Candidate(
+        name,
+        role,
+        what,
+        precision_of(path),
+        ort_forward(session),
+        [i.name for i in session.get_inputs()],
+        artifact=artifact,
+    )
+
+
 def _optimum_candidates(export_dir: Path, work: Path, preset: str, threads: int) -> list[Candidate]:
     """Optimum's O2 + preset quantization, and the preset on the plain export."""
     from optimum.onnxruntime import ORTOptimizer, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
 
     from pipeline.onnx_utils import model_file
-    from pipeline.stages.validate import CPU, make_session, ort_forward
 
     def quantized(source_dir: Path, file_name: str, save_dir: Path) -> Path:
         quantizer = ORTQuantizer.from_pretrained(source_dir, file_name=file_name)
@@ -111,21 +129,14 @@ def _optimum_candidates(export_dir: Path, work: Path, preset: str, threads: int)
         return next(save_dir.glob("*_quantized.onnx"))
 
     def candidate(name: str, what: str, build: Callable[[], Path]) -> Candidate:
+        # A peer that cannot build its model is a finding of the benchmark (reported in its row),
+        # not a failure of this run.
         try:
-            path = build()
-            session = make_session(path, CPU, threads)
+            # Optimum writes into a temporary folder that is not kept: no artifact path to record.
+            return _ort_candidate(name, "peer", what, build(), threads, artifact=None)
         except Exception as err:  # optimum and ORT raise many unrelated types
             log.info("bench: %s failed: %s", name, _first_line(err))
             return Candidate(name, "peer", what, "int8", None, error=_first_line(err))
-        return Candidate(
-            name,
-            "peer",
-            what,
-            precision_of(path),
-            ort_forward(session),
-            [i.name for i in session.get_inputs()],
-            artifact=None,  # written to a temporary folder, not kept
-        )
 
     def o2_then_preset() -> Path:
         optimizer = ORTOptimizer.from_pretrained(export_dir, file_names=[model_file(export_dir).name])
@@ -171,16 +182,8 @@ def run_benchmark(
     from pipeline.onnx_utils import dummy_inputs, model_file
     from pipeline.recipe import load_recipe
     from pipeline.runner import Runner
-    from pipeline.stages.validate import (
-        CPU,
-        Evaluator,
-        default_metric,
-        make_session,
-        ort_forward,
-        prediction_agreement,
-        session_options,
-    )
-    from pipeline.tasks import get_task, id2label_of, load_tokenizer
+    from pipeline.stages.validate import Evaluator, prediction_agreement, resolve_metric, session_options
+    from pipeline.tasks import get_task
 
     recipe = load_recipe(recipe_path, overrides)
     if recipe.model.task == "text-generation":
@@ -194,11 +197,8 @@ def run_benchmark(
     plan = Runner(recipe, exported=exported).run().plan
     machine = machine_fingerprint()
 
-    baseline_dir = next((n.folder for n in plan.nodes if n.stage == "finetune"), plan.source_dir)
-    export_node = next(
-        (n for n in plan.nodes if n.stage == "export" and not any(p.stage == "prune" for p in n.chain())),
-        None,
-    )
+    baseline_dir = plan.baseline_dir()
+    export_node = plan.plain_export_node()
     if export_node is None:
         raise RecipeError(
             f"{recipe_path}: variants: bench needs one variant without pruning (the plain export)"
@@ -211,21 +211,21 @@ def run_benchmark(
     examples = list(DataBundle(recipe).get("eval"))
     if recipe.validate_.max_eval_examples:
         examples = examples[: recipe.validate_.max_eval_examples]
-    tokenizer = load_tokenizer(baseline_dir)
-    encoded = task.encode(tokenizer, examples, recipe.model.max_length)
-    id2label = id2label_of(baseline_dir) if task.head_suffix else None
+    evaluator = Evaluator.for_checkpoint(
+        task, baseline_dir, examples, recipe.model.max_length, recipe.validate_.eval_batch_size
+    )
     vocab_size = int(json.loads((baseline_dir / "config.json").read_text())["vocab_size"])
-    evaluator = Evaluator(task, encoded, examples, id2label, recipe.validate_.eval_batch_size)
-    metric_name = recipe.validate_.metric or default_metric(task.name)
-    if (
-        task.name == "feature-extraction"
-        and recipe.validate_.metric is None
-        and all(e.label is None for e in examples)
-    ):
-        metric_name = "cosine_mean"
+    metric_name = resolve_metric(recipe.validate_, task.name, examples)
     preset = optimum_preset(machine)
-    plain_shapes = weight_matmuls(model_file(export_dir))
-    torch_names = list(tokenizer.model_input_names)
+    # Weight MatMul shapes per variant, read once per export (dense variants share one).
+    shapes_of_export: dict[Path, Counter[tuple[int, int]]] = {}
+    for node in plan.variants.values():
+        folder = node.export_node().folder
+        if folder not in shapes_of_export:
+            shapes_of_export[folder] = weight_matmuls(model_file(folder))
+    plain_shapes = shapes_of_export[export_dir]
+    variant_shapes = {name: shapes_of_export[n.export_node().folder] for name, n in plan.variants.items()}
+    torch_names = list(evaluator.tokenizer.model_input_names)
 
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-") as work:
         model = task.load_model(baseline_dir)
@@ -255,17 +255,7 @@ def run_benchmark(
         ]
 
         def ort_candidate(name: str, role: str, what: str, folder: Path) -> Candidate:
-            path = model_file(folder)
-            session = make_session(path, CPU, threads)
-            return Candidate(
-                name,
-                role,
-                what,
-                precision_of(path),
-                ort_forward(session),
-                [i.name for i in session.get_inputs()],
-                artifact=str(folder),
-            )
+            return _ort_candidate(name, role, what, model_file(folder), threads, artifact=str(folder))
 
         candidates.append(
             ort_candidate(
@@ -284,7 +274,7 @@ def run_benchmark(
                 by_folder[folder].released |= name == released
                 continue
             chain = node.chain()
-            steps = " -> ".join(n.stage for n in chain if n.stage not in ("finetune",))
+            steps = " -> ".join(n.stage for n in chain if n.stage != "finetune")
             entry = ort_candidate(f"pipeline:{name}", "pipeline", steps, node.folder)
             entry.released = name == released
             by_folder[folder] = entry
@@ -341,13 +331,7 @@ def run_benchmark(
         del model, quantized_model, candidates, timed
 
     # -- ceilings on the model's weight shapes, after the models are freed ----------------------------
-    all_shapes = set(plain_shapes)
-    variant_shapes = {
-        name: weight_matmuls(model_file(next(n for n in node.chain() if n.stage == "export").folder))
-        for name, node in plan.variants.items()
-    }
-    for shapes_of in variant_shapes.values():
-        all_shapes |= set(shapes_of)
+    all_shapes = {shape for shapes_of in shapes_of_export.values() for shape in shapes_of}
     tokens = sorted({b * s for b, s in shapes})
     log.info("bench: matrix ceilings for %d weight shapes at %s tokens", len(all_shapes), tokens)
     ceilings = measure_ceilings(all_shapes, tokens, threads, iters=max(20, iters // 2), warmup=warmup)

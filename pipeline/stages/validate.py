@@ -141,6 +141,16 @@ def default_metric(task: str) -> str:
     }.get(task, "probe_accuracy")
 
 
+def resolve_metric(cfg: ValidateConfig, task: str, examples: Sequence[Any]) -> str:
+    """The headline metric: validate.metric, else the task's default (cosine_mean for embeddings
+    whose eval data has no labels: there is no probe to train)."""
+    if cfg.metric:
+        return cfg.metric
+    if task == "feature-extraction" and all(e.label is None for e in examples):
+        return "cosine_mean"
+    return default_metric(task)
+
+
 def metric_drop(metric: str, baseline: float | None, variant: float | None) -> float | None:
     """Quality lost vs the baseline in the metric's units: positive = worse, whatever its direction."""
     if baseline is None or variant is None:
@@ -210,7 +220,22 @@ class Evaluator:
         self.task, self.encoded, self.examples = task, encoded, examples
         self.id2label, self.batch_size = id2label, batch_size
         self.lengths = [len(ids) for ids in encoded.features["input_ids"]]
+        self.tokenizer: Any = None
         self.order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], i))
+
+    @classmethod
+    def for_checkpoint(
+        cls, task: Any, checkpoint: Path, examples: Sequence[Any], max_length: int, batch_size: int
+    ) -> Evaluator:
+        """Tokenise `examples` with the checkpoint's tokenizer and labels (kept as .tokenizer)."""
+        from pipeline.tasks import id2label_of, load_tokenizer
+
+        tokenizer = load_tokenizer(checkpoint)
+        encoded = task.encode(tokenizer, examples, max_length)
+        id2label = id2label_of(checkpoint) if task.head_suffix else None
+        evaluator = cls(task, encoded, examples, id2label, batch_size)
+        evaluator.tokenizer = tokenizer
+        return evaluator
 
     def outputs(self, forward: Callable[[dict[str, np.ndarray]], np.ndarray], label: str) -> list[np.ndarray]:
         """Per example, in the original order: its output row, per-token outputs cut to its length."""
@@ -496,14 +521,15 @@ def _encoder_part(
     from pipeline.bench.memprobe import measure_peak_memory
     from pipeline.decoder.tiny import random_weights
     from pipeline.onnx_utils import dummy_inputs, model_file
-    from pipeline.tasks import get_task, id2label_of, load_tokenizer
+    from pipeline.tasks import get_task
 
     cfg: ValidateConfig = recipe.validate_
     lat: LatencyConfig = cfg.latency
     task = get_task(recipe.model.task)
-    tokenizer = load_tokenizer(baseline_hf_dir)
-    encoded = task.encode(tokenizer, examples, recipe.model.max_length)
-    id2label = id2label_of(baseline_hf_dir) if task.head_suffix else None
+    evaluator = Evaluator.for_checkpoint(
+        task, baseline_hf_dir, examples, recipe.model.max_length, cfg.eval_batch_size
+    )
+    tokenizer = evaluator.tokenizer
     hf_config = json.loads((baseline_hf_dir / "config.json").read_text(encoding="utf-8"))
     vocab_size = int(hf_config.get("vocab_size") or tokenizer.vocab_size)
     max_positions = hf_config.get("max_position_embeddings")
@@ -512,10 +538,8 @@ def _encoder_part(
             f"validate.latency.seq_lens: {max(lat.seq_lens)} exceeds the model's "
             f"max_position_embeddings {max_positions}"
         )
-    metric_name = cfg.metric or default_metric(task.name)
-    if task.name == "feature-extraction" and cfg.metric is None and all(e.label is None for e in examples):
-        metric_name = "cosine_mean"
-    evaluator = Evaluator(task, encoded, examples, id2label, cfg.eval_batch_size)
+    random_model = random_weights(baseline_hf_dir)
+    metric_name = resolve_metric(cfg, task.name, examples)
     shapes = [(b, s) for b in lat.batch_sizes for s in lat.seq_lens]
     biggest = (max(lat.batch_sizes), max(lat.seq_lens))
     torch_names = list(tokenizer.model_input_names)
@@ -697,7 +721,7 @@ def _encoder_part(
             p: ("used" if ok else f"{NOT_AVAILABLE} ({reason})") for p, (ok, reason) in availability.items()
         },
         "settings": {
-            "random_weights": random_weights(baseline_hf_dir),
+            "random_weights": random_model,
             "memory_method": (
                 "peak RSS growth while loading + one inference at the largest shape "
                 f"(b{biggest[0]} s{biggest[1]}), each candidate in a fresh process"
@@ -710,7 +734,7 @@ def _encoder_part(
                 "random weights (config.json pipeline_random_weights): the metric measures the "
                 "variants' fidelity to the fp32 model, not a task skill; only the speed figures transfer"
             ]
-            if random_weights(baseline_hf_dir)
+            if random_model
             else []
         ),
         "load_average_1m": {"before_timing": load_before, "after_timing": load_after},
