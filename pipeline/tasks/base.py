@@ -177,6 +177,13 @@ class Task:
     ) -> Encoded:
         raise NotImplementedError
 
+    def _require(self, examples: Sequence, kind: type, what: str) -> None:
+        """InputError naming the first example that is not a `kind` (e.g. NER data fed to a
+        text classifier)."""
+        for example in examples:
+            if not isinstance(example, kind):
+                raise InputError(f"{self.name} needs {what} examples, got {type(example).__name__}")
+
     @staticmethod
     def _features(tokenizer, enc) -> dict[str, list[list[int]]]:
         names = [n for n in tokenizer.model_input_names if n in enc]

@@ -27,11 +27,7 @@ class TokenClassification(Task):
             raise InputError(
                 f"{type(tokenizer).__name__}: token classification needs a fast tokenizer (word ids)"
             )
-        for example in examples:
-            if not isinstance(example, TokenExample):
-                raise InputError(
-                    f"token-classification needs token/tag examples, got {type(example).__name__}"
-                )
+        self._require(examples, TokenExample, "token/tag")
         if not examples:
             return Encoded({"input_ids": []}, tokenizer.pad_token_id or 0, [] if label2id else None, [])
         enc = tokenizer(
@@ -127,9 +123,7 @@ class TextClassification(Task):
     def encode(
         self, tokenizer, examples: Sequence, max_length: int, label2id: dict[str, int] | None = None
     ) -> Encoded:
-        for example in examples:
-            if not isinstance(example, TextExample):
-                raise InputError(f"{self.name} needs text examples, got {type(example).__name__}")
+        self._require(examples, TextExample, "text")
         if not examples:
             return Encoded({"input_ids": []}, tokenizer.pad_token_id or 0, [] if label2id else None)
         enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)

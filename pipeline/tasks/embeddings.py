@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.examples import TextExample
-from pipeline.errors import InputError
 from pipeline.tasks.base import Encoded, Task
 
 
@@ -42,9 +41,7 @@ class FeatureExtraction(Task):
     def encode(
         self, tokenizer, examples: Sequence, max_length: int, label2id: dict[str, int] | None = None
     ) -> Encoded:
-        for example in examples:
-            if not isinstance(example, TextExample):
-                raise InputError(f"{self.name} needs text examples, got {type(example).__name__}")
+        self._require(examples, TextExample, "text")
         if not examples:
             return Encoded({"input_ids": [], "attention_mask": []}, tokenizer.pad_token_id or 0)
         enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
