@@ -9,7 +9,7 @@ ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 ARGS ?=
 
-.PHONY: setup run test test-all check clean finetune prune export optimize quantize list gate verify baseline models bench
+.PHONY: setup run test test-all check clean finetune prune export optimize quantize validate list gate verify baseline models bench
 
 setup: $(STAMP)
 
@@ -38,12 +38,12 @@ models: $(TINY_GPT2) $(BERT_BASE_RANDOM)
 # Built in a temporary folder and moved into place, so an interrupted build leaves no config.json.
 $(TINY_GPT2): | $(STAMP)
 	rm -rf $(@D).tmp
-	$(PY) -m pipeline.decoder.tiny $(@D).tmp --arch gpt2 --train-steps 300
+	$(PY) -m pipeline.zoo.tiny_decoder $(@D).tmp --arch gpt2 --train-steps 300
 	rm -rf $(@D) && mv $(@D).tmp $(@D)
 
 # Random weights (seed 0); the builder writes atomically and refuses a foreign non-empty folder.
 $(BERT_BASE_RANDOM): | $(STAMP)
-	$(PY) -m pipeline.random_encoder $(@D) --shape bert-base
+	$(PY) -m pipeline.zoo.random_encoder $(@D) --shape bert-base
 
 run: setup $(RECIPE_MODEL)
 	$(PY) -m pipeline run $(RECIPE) $(ARGS)
@@ -77,7 +77,7 @@ baseline: setup
 	PIPELINE_WRITE_BASELINE=1 $(PY) -m pytest -q tests/test_end_to_end.py
 
 # One target per stage: run each variant of RECIPE up to and including that stage.
-finetune prune export optimize quantize: setup $(RECIPE_MODEL)
+finetune prune export optimize quantize validate: setup $(RECIPE_MODEL)
 	$(PY) -m pipeline run $(RECIPE) --until $@ $(ARGS)
 
 clean:

@@ -25,8 +25,7 @@ def measure(root: str, block: int, settle: int) -> None:
     import torch
 
     from pipeline.bench import interleaved, summarize
-    from pipeline.onnx_utils import dummy_inputs
-    from pipeline.tasks import get_task
+    from pipeline.tasks import dummy_inputs, get_task
 
     torch.set_num_threads(2)
     task = get_task("token-classification")

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
+    from pipeline.config import load_recipe
     from pipeline.runner import Runner
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -110,7 +110,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
+    from pipeline.config import load_recipe
 
     failed = 0
     for path in args.recipes:
@@ -125,7 +125,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from pipeline.registry import all_stages
+    from pipeline.stages.registry import all_stages
 
     for name, spec in sorted(all_stages().items()):
         print(f"{name:10s} {spec.consumes}->{spec.produces}  {spec.description}")
@@ -139,7 +139,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench.peers import run_benchmark
+    from pipeline.peers import run_benchmark
 
     if min(args.iters, args.block) < 1 or min(args.warmup, args.settle) < 0:
         raise RecipeError(

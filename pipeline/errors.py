@@ -31,7 +31,8 @@ class ParityError(StageError):
     """ONNX outputs differ from the reference beyond the tolerance: the model is not published."""
 
 
-class GateFailure(PipelineError):
-    """A CI gate failed. Exit code 3."""
-
-    exit_code = 3
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a one-line
+    error built from a library's exception quotes."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

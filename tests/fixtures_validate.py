@@ -25,7 +25,7 @@ def export_onnx(hf_dir: Path, onnx_dir: Path, task: str) -> Path:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    from pipeline.onnx_utils import copy_metadata
+    from pipeline.onnx.io import copy_metadata
 
     auto = {
         "token-classification": AutoModelForTokenClassification,
@@ -57,7 +57,7 @@ def export_onnx(hf_dir: Path, onnx_dir: Path, task: str) -> Path:
 def quantize_dynamic(onnx_dir: Path, out_dir: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from pipeline.onnx_utils import copy_metadata
+    from pipeline.onnx.io import copy_metadata
 
     out_dir.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(
@@ -85,7 +85,7 @@ def build_variants(root: Path, task: str = "token-classification") -> dict[str, 
 
 def recipe_for(hf: Path, task: str = "token-classification", **sections: Any):
     """A validated Recipe for the tiny model with small latency settings."""
-    from pipeline.recipe import recipe_from_dict
+    from pipeline.config import recipe_from_dict
 
     document: dict[str, Any] = {
         "name": "tiny-validate",
@@ -137,30 +137,44 @@ def stage_manifests(fused: bool = False, unstructured: bool = False) -> dict[str
     return {"fp32": list(chain), "int8": chain + [quantize]}
 
 
-def run_validation(root: Path, task: str = "token-classification", **sections: Any) -> dict[str, Any]:
-    """Build the variants, validate them into root/'report', return everything a test needs."""
+def validate_into(
+    recipe: Any, variants: dict[str, Path], hf: Path, data: Any, manifests: dict, out: Path
+) -> dict:
+    """The validate stage, then the runner's decisions, the report written into `out`: the report."""
     import logging
 
+    from pipeline.report import write_report
+    from pipeline.runner import decide
+    from pipeline.stages.registry import run_stage
+    from pipeline.stages.validate import load_measurements
+
+    measured = out.parent / f"{out.name}-measured"
+    run_stage(
+        "validate",
+        recipe.validate_,
+        hf,
+        measured,
+        model=recipe.model,
+        data=data,
+        variants={name: (folder, manifests.get(name, [])) for name, folder in variants.items()},
+        log=logging.getLogger("test"),
+    )
+    report = decide(recipe, load_measurements(measured))
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(report, out)
+    return report
+
+
+def run_validation(root: Path, task: str = "token-classification", **sections: Any) -> dict[str, Any]:
+    """Build the variants, validate them into root/'report', return everything a test needs."""
     from pipeline.data import DataBundle
-    from pipeline.fingerprint import machine_fingerprint
-    from pipeline.stages.validate import validate_variants
 
     built = build_variants(root, task)
     recipe = recipe_for(built["hf"], task, **sections)
     data = DataBundle.from_examples(task, eval=built["examples"])
     out = root / "report"
-    out.mkdir()
     manifests = stage_manifests()
-    report = validate_variants(
-        recipe,
-        built["variants"],
-        built["hf"],
-        data,
-        machine_fingerprint(),
-        out,
-        manifests,
-        logging.getLogger("test"),
-    )
+    report = validate_into(recipe, built["variants"], built["hf"], data, manifests, out)
     return {**built, "recipe": recipe, "report": report, "out": out, "manifests": manifests, "data": data}
 
 
@@ -251,6 +265,16 @@ def validated_once(
     if task not in _VALIDATED:
         _VALIDATED[task] = run_validation(tmp_path_factory.mktemp(f"validated-{task}"), task, **sections)
     return _VALIDATED[task]
+
+
+def build_bundle(recipe: Any, report: dict, variants: dict, manifests: dict, out: Path) -> dict | None:
+    """The release bundle of `report` for `recipe` (what the runner does after the decisions)."""
+    from pipeline.release import build_release
+    from pipeline.tasks import get_task
+
+    return build_release(
+        report, variants, manifests, out, model=recipe.model, task=get_task(recipe.model.task)
+    )
 
 
 def run_readme_snippet(bundle: Path, tmp_path: Path) -> Any:

@@ -7,15 +7,8 @@ import gc
 import numpy as np
 import pytest
 
-from pipeline.bench import (
-    PeakRSS,
-    geometric_mean,
-    interleaved,
-    parse_shape_key,
-    shape_key,
-    speedups,
-    summarize,
-)
+from pipeline.bench import PeakRSS, geometric_mean, interleaved, speedups, summarize
+from pipeline.config import parse_shape_key, shape_key
 
 
 def test_shape_keys_round_trip_and_reject_garbage():

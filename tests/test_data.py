@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 from fixtures_tiny import make_ner_examples, write_conll
 
+from pipeline.config import SplitSpec, recipe_from_dict
 from pipeline.data import DataBundle, TextExample, TokenExample, draw_sample, load_split, resolve_package
 from pipeline.data import sources as data_sources
 from pipeline.data.sources import slice_bounds
 from pipeline.errors import InputError, RecipeError
-from pipeline.recipe import SplitSpec, recipe_from_dict
 
 NER = "token-classification"
 TEXT = "text-classification"
@@ -166,7 +166,7 @@ def test_slices_partition_in_file_order_then_limit(tmp_path):
 
 def test_empty_split_names_the_split(tmp_path):
     path = write_conll(tmp_path / "n.txt", make_ner_examples(3))
-    bundle = DataBundle(recipe(eval={"source": str(path), "split": "100%:"}))
+    bundle = DataBundle.from_recipe(recipe(eval={"source": str(path), "split": "100%:"}))
     with pytest.raises(InputError, match=r"data\.eval: no examples"):
         bundle.get("eval")
     with pytest.raises(InputError, match=r"data\.train: not configured"):
@@ -185,18 +185,20 @@ def test_bundle_labels_digest_and_calibration(tmp_path):
         "eval": {"source": "n.txt", "split": "75%:"},
         "calibration": {"from": "train", "samples": 8, "seed": 3},
     }
-    bundle = DataBundle(recipe(**data), base_dir=tmp_path)
+    bundle = DataBundle.from_recipe(recipe(**data), base_dir=tmp_path)
     assert bundle.labels() == ["B-LOC", "B-PER", "O"]
     train = bundle.get("train")
     calibration = bundle.get("calibration")
     assert len(calibration) == 8
     positions = [train.index(e) for e in calibration]
     assert positions == sorted(positions)  # original order kept
-    again = DataBundle(recipe(**data), base_dir=tmp_path)
+    again = DataBundle.from_recipe(recipe(**data), base_dir=tmp_path)
     assert again.get("calibration") == calibration and again.digest("calibration") == bundle.digest(
         "calibration"
     )
-    other_seed = DataBundle(recipe(**{**data, "calibration": {"samples": 8, "seed": 4}}), base_dir=tmp_path)
+    other_seed = DataBundle.from_recipe(
+        recipe(**{**data, "calibration": {"samples": 8, "seed": 4}}), base_dir=tmp_path
+    )
     assert other_seed.get("calibration") != calibration
     assert bundle.digest("train") != bundle.digest("eval")
     assert len(bundle.digest("train")) == 64

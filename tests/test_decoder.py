@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_decoder import held_out_texts, shared_tokenizer, tiny_decoder
+from fixtures_decoder import export_decoder, held_out_texts, run_decoder_stage, shared_tokenizer, tiny_decoder
 
 from pipeline.errors import InputError, ParityError
 
@@ -19,11 +19,12 @@ def decoder(request, tmp_path_factory):
 
 
 def test_export_parity_with_and_without_past(decoder, tmp_path):
-    from pipeline.decoder.export import export_decoder
-
     arch, hf, _ = decoder
     metrics = export_decoder(
-        hf, tmp_path / "onnx", 18, {"atol": 1e-4, "prompt_lens": [1, 5, 12], "past_lens": [1, 6, 20]}
+        hf,
+        tmp_path / "onnx",
+        18,
+        {"atol": 1e-4, "shapes": [[2, 1], [2, 5], [2, 12]], "past_lens": [1, 6, 20]},
     )
     parity = metrics["parity"]
     pasts = [case["past"] for case in parity["cases"]]
@@ -65,28 +66,25 @@ def _tamper_present(onnx_dir, out_dir, name="present.1.value", factor=1.001):
 
 
 def test_parity_checks_present_outputs_not_only_logits(decoder, tmp_path):
-    from pipeline.decoder.io import DecoderIO
-    from pipeline.decoder.parity import DecoderParityConfig, decoder_parity_grid, torch_reference
-    from pipeline.models import load_torch_model
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.parity import parity_grid
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
 
     _, hf, onnx_dir = decoder
+    task = get_task("text-generation")
     session = open_session(_tamper_present(onnx_dir, tmp_path / "bad"))
-    model = load_torch_model(hf, "text-generation")
-    cases = DecoderParityConfig(prompt_lens=[4], past_lens=[3]).cases()
-    with pytest.raises(ParityError, match=r"present key/value\) exceeds atol"):
-        decoder_parity_grid(
-            torch_reference(model, DecoderIO.from_session(session)), session, cases, 1e-5, 1000
-        )
+    cases = task.parity_cases(session, [[2, 4]], 1000, past_lens=[3])
+    with pytest.raises(ParityError, match=r"\(present\) exceeds atol"):
+        parity_grid(task.torch_reference(task.load_model(hf), session), session, cases, 1e-5)
 
 
 def test_fp32_greedy_generation_agrees_fully_with_pytorch(decoder):
-    from pipeline.decoder.generate import greedy_agreement, prompts_from_texts
-    from pipeline.models import load_torch_model
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
+    from pipeline.tasks.text_generation.generate import greedy_agreement, prompts_from_texts
 
     _, hf, onnx_dir = decoder
-    model = load_torch_model(hf, "text-generation")
+    model = get_task("text-generation").load_model(hf)
     prompts = prompts_from_texts(shared_tokenizer(), held_out_texts(), 4, min_len=5, max_len=20)
     result = greedy_agreement(model, open_session(onnx_dir / "model.onnx"), prompts, 12)
     assert result["prompts"] == 4 and result["new_tokens"] == 12
@@ -96,8 +94,8 @@ def test_fp32_greedy_generation_agrees_fully_with_pytorch(decoder):
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(decoder):
-    from pipeline.decoder.generate import OnnxGreedyGenerator
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator
 
     _, _, onnx_dir = decoder
     generator = OnnxGreedyGenerator(open_session(onnx_dir / "model.onnx"))
@@ -111,8 +109,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(decoder):
 
 
 def test_generation_stops_at_eos(decoder):
-    from pipeline.decoder.generate import OnnxGreedyGenerator
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator
 
     _, _, onnx_dir = decoder
     generator = OnnxGreedyGenerator(open_session(onnx_dir / "model.onnx"))
@@ -124,10 +122,13 @@ def test_generation_stops_at_eos(decoder):
 
 
 def test_fusion_stats_are_measured(decoder, tmp_path):
-    from pipeline.decoder.fusion import decoder_fusion_stats, optimize_decoder
+    from pipeline.errors import StageError
 
     arch, _, onnx_dir = decoder
-    stats = decoder_fusion_stats(onnx_dir)
+    parity = {"shapes": [[2, 3], [2, 3], [2, 3]], "past_lens": [4]}
+    stats = run_decoder_stage(
+        "optimize", {"require_attention_fusion": False}, onnx_dir, tmp_path / "f", parity
+    )
     # Measured on onnxruntime 1.32 + optimum-onnx 0.1.0: no attention fusion for either family.
     assert stats["attention_fused"] == 0 and stats["attention_fusion"] == "not available"
     assert "not available" in stats["note"]
@@ -135,22 +136,19 @@ def test_fusion_stats_are_measured(decoder, tmp_path):
         assert stats["fused_ops"]["FastGelu"] == 2 and stats["fused_ops"]["SkipLayerNormalization"] == 4
     else:
         assert stats["fused_ops"]["RotaryEmbedding"] == 4
-    fused = optimize_decoder(onnx_dir, tmp_path / "fused", parity={"prompt_lens": [3], "past_lens": [4]})
-    assert fused["parity_vs_unfused"]["max_abs_diff"] < 1e-3
-    assert (tmp_path / "fused" / "model.onnx").is_file() and (tmp_path / "fused" / "config.json").is_file()
-    from pipeline.errors import StageError
-
-    with pytest.raises(StageError, match="attention fusion is not available"):
-        optimize_decoder(onnx_dir, tmp_path / "strict", require_attention_fusion=True)
+    assert stats["parity"]["max_abs_diff"] < 1e-3
+    assert (tmp_path / "f" / "model.onnx").is_file() and (tmp_path / "f" / "config.json").is_file()
+    with pytest.raises(StageError, match="attention fusion fell short"):
+        run_decoder_stage("optimize", {}, onnx_dir, tmp_path / "strict", parity)
 
 
 def test_export_without_past_is_a_clear_error(decoder, tmp_path):
     """A decoder exported without the KV cache (optimum task text-generation) is refused by name."""
     from optimum.exporters.onnx import main_export
 
-    from pipeline.decoder.generate import OnnxGreedyGenerator
-    from pipeline.decoder.io import DecoderIO
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator
+    from pipeline.tasks.text_generation.io import DecoderIO
 
     _, hf, _ = decoder
     main_export(str(hf), str(tmp_path / "no-past"), task="text-generation", do_validation=False)
@@ -162,20 +160,19 @@ def test_export_without_past_is_a_clear_error(decoder, tmp_path):
 
 
 def test_export_errors_are_one_line(tmp_path):
-    from pipeline.decoder.export import export_decoder
-    from pipeline.decoder.tiny import build_tiny_decoder
+    from pipeline.zoo.tiny_decoder import build_tiny_decoder
 
     with pytest.raises(InputError, match="no config.json"):
         export_decoder(tmp_path, tmp_path / "out")
     with pytest.raises(InputError, match="unknown arch 'bert'"):
         build_tiny_decoder(tmp_path / "x", "bert")
-    with pytest.raises(ValueError, match="lengths >= 1"):
+    with pytest.raises(ValueError, match="past lengths >= 1"):
         export_decoder(tmp_path, tmp_path / "out", parity={"past_lens": [0]})
 
 
 def test_generator_rejects_bad_requests(decoder):
-    from pipeline.decoder.generate import OnnxGreedyGenerator
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator
 
     generator = OnnxGreedyGenerator(open_session(decoder[2] / "model.onnx"))
     with pytest.raises(InputError, match="max_new_tokens"):
@@ -186,13 +183,13 @@ def test_generator_rejects_bad_requests(decoder):
 
 def test_qwen2_export_parity_and_generation(tmp_path_factory):
     """Qwen2 (q/k/v biases, grouped-query attention with 2 KV heads for 4 query heads)."""
-    from pipeline.decoder.generate import greedy_agreement
-    from pipeline.models import load_torch_model
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
+    from pipeline.tasks.text_generation.generate import greedy_agreement
 
     hf, onnx_dir = tiny_decoder(tmp_path_factory, "qwen2")
     session = open_session(onnx_dir / "model.onnx")
     past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
     assert past.shape[1] == 2  # KV heads, not the 4 query heads
-    result = greedy_agreement(load_torch_model(hf, "text-generation"), session, [[5, 17, 99, 4, 250]], 10)
+    result = greedy_agreement(get_task("text-generation").load_model(hf), session, [[5, 17, 99, 4, 250]], 10)
     assert result["token_agreement"] == 1.0

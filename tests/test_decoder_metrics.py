@@ -27,7 +27,7 @@ def _bigram(table):
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
-    from pipeline.decoder.perplexity import perplexity
+    from pipeline.tasks.text_generation.perplexity import perplexity
 
     result = perplexity(_uniform(50), np.arange(37) % 50, window=8, stride=3)
     assert result["perplexity"] == pytest.approx(50.0, rel=1e-12)
@@ -36,7 +36,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 @pytest.mark.parametrize("window,stride", [(2, 1), (5, 2), (8, 8), (64, 32)])
 def test_perplexity_of_a_bigram_model_matches_the_hand_computation(window, stride):
-    from pipeline.decoder.perplexity import perplexity
+    from pipeline.tasks.text_generation.perplexity import perplexity
 
     # Three tokens; after 0 comes 1 with p=0.5, after 1 comes 2 with p=0.25, after 2 comes 0 with p=0.8.
     table = np.array([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]])
@@ -51,7 +51,7 @@ def test_perplexity_of_a_bigram_model_matches_the_hand_computation(window, strid
 def test_perplexity_uses_the_context_a_window_gives():
     """A model that is certain of the next token once it sees 3 tokens (itself and 2 before), else
     uniform: windows of 3 never give it that context, windows of 4 with stride 1 always do."""
-    from pipeline.decoder.perplexity import perplexity
+    from pipeline.tasks.text_generation.perplexity import perplexity
 
     vocab = 4
 
@@ -75,7 +75,7 @@ def test_perplexity_uses_the_context_a_window_gives():
 
 
 def test_perplexity_rejects_bad_input():
-    from pipeline.decoder.perplexity import perplexity
+    from pipeline.tasks.text_generation.perplexity import perplexity
 
     with pytest.raises(InputError, match="at least 2 tokens"):
         perplexity(_uniform(5), [1], window=4)
@@ -87,70 +87,84 @@ def test_perplexity_rejects_bad_input():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_onnx_and_pytorch_perplexity_agree_on_the_same_tokens(tmp_path_factory, arch):
-    from pipeline.decoder.perplexity import onnx_logits_fn, perplexity, text_token_ids, torch_logits_fn
-    from pipeline.models import load_torch_model
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
+    from pipeline.tasks.text_generation.perplexity import (
+        onnx_logits_fn,
+        perplexity,
+        text_token_ids,
+        torch_logits_fn,
+    )
 
     hf, onnx_dir = tiny_decoder(tmp_path_factory, arch)
     ids = text_token_ids(shared_tokenizer(), held_out_texts(3), max_tokens=600)
-    torch_ppl = perplexity(torch_logits_fn(load_torch_model(hf, "text-generation")), ids, 96, 48)
+    torch_ppl = perplexity(torch_logits_fn(get_task("text-generation").load_model(hf)), ids, 96, 48)
     onnx_ppl = perplexity(onnx_logits_fn(open_session(onnx_dir / "model.onnx")), ids, 96, 48)
     assert onnx_ppl["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-5)
     assert onnx_ppl["tokens_scored"] == torch_ppl["tokens_scored"] == ids.size - 1
 
 
-def test_decode_speed_reports_every_backend_and_context(tmp_path_factory):
-    from pipeline.decoder.speed import OnnxBackend, TorchBackend, decode_speed, format_table
-    from pipeline.models import load_torch_model
-    from pipeline.onnx_utils import open_session
+def test_decode_timing_reports_every_backend_and_context(tmp_path_factory):
+    from pipeline.bench import summarize, time_shapes
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
 
+    task = get_task("text-generation")
     hf, onnx_dir = tiny_decoder(tmp_path_factory, "gpt2")
-    backends = {
-        "pytorch": TorchBackend(load_torch_model(hf, "text-generation")),
-        "fp32": OnnxBackend(open_session(onnx_dir / "model.onnx", threads=1)),
-    }
-    speed = decode_speed(backends, [4, 16], vocab_size=1000, warmup=1, iters=2, threads=1)
-    for name in backends:
-        assert set(speed["results"][name]) == {"4", "16"}
-        row = speed["results"][name]["16"]
-        assert row["decode_ms_p90"] >= row["decode_ms_p50"] > 0 and row["prompt_tokens_per_s"] > 0
-    assert set(speed["speedup_vs_pytorch"]["fp32"]["4"]) == {"prefill", "decode"}
-    table = format_table(speed)
-    assert "decode p50 ms" in table and table.count("\n") == 5
-    with pytest.raises(InputError, match="context lengths"):
-        decode_speed(backends, [0], vocab_size=1000)
+    runners = {"pytorch": task.load_model(hf), "fp32": open_session(onnx_dir / "model.onnx", threads=1)}
+    times = time_shapes(
+        runners,
+        [(1, 4), (1, 16)],
+        lambda runner, batch, seq: task.timing_calls(runner, batch, seq, 1000),
+        warmup=1,
+        iters=2,
+        block=20,
+        settle=0,
+    )
+    for name in runners:
+        assert set(times[name]) == {"b1_s4", "b1_s16"}
+        calls = times[name]["b1_s16"]
+        assert set(calls) == {"prefill", "decode"} and len(calls["decode"]) == 2
+        row = task.latency_entry({c: summarize(ms, 1) for c, ms in calls.items()}, 1, 16)
+        assert row["p90_ms"] >= row["p50_ms"] > 0 and row["prompt_tokens_per_s"] > 0
+        assert row["throughput_per_s"] == pytest.approx(1e3 / row["p50_ms"], rel=1e-3)
 
 
 def test_validate_decoder_flags_random_weights(tmp_path_factory, tmp_path):
-    from pipeline.decoder.quantize import quantize_decoder
-    from pipeline.decoder.validate import validate_decoder
+    from fixtures_decoder import run_decoder_stage
+
+    from pipeline.data import DataBundle, TextExample
+    from pipeline.stages.registry import run_stage
+    from pipeline.stages.validate import load_measurements
 
     hf, onnx_dir = tiny_decoder(tmp_path_factory, "llama")
-    quantize_decoder(onnx_dir, tmp_path / "int8", "int8", parity={"prompt_lens": [2], "past_lens": [2]})
-    result = validate_decoder(
+    run_decoder_stage("quantize", {"mode": "dynamic"}, onnx_dir, tmp_path / "int8")
+    data = DataBundle.from_examples("text-generation", eval=[TextExample(t) for t in held_out_texts(3)])
+    latency = {"batch_sizes": [1], "seq_lens": [8], "warmup": 0, "iters": 1, "threads": 1}
+    run_stage(
+        "validate",
+        {"latency": latency, "measure_memory": False},
         hf,
-        {"fp32": onnx_dir, "int8": tmp_path / "int8"},
-        held_out_texts(3),
-        max_tokens=300,
-        prompts=2,
-        new_tokens=4,
-        context_lens=[8],
-        warmup=0,
-        iters=1,
-        threads=1,
+        tmp_path / "measured",
+        model={"source": str(hf), "task": "text-generation"},
+        data=data,
+        variants={"fp32": (onnx_dir, []), "int8": (tmp_path / "int8", [])},
     )
-    assert result["random_weights"] is True
-    assert result["variants"]["fp32"]["perplexity"] == pytest.approx(
-        result["pytorch"]["perplexity"], rel=1e-5
-    )
-    assert result["variants"]["fp32"]["greedy"]["token_agreement"] == 1.0
-    assert 0 <= result["variants"]["int8"]["greedy"]["token_agreement"] <= 1
-    assert set(result["speed"]["results"]) == {"pytorch", "fp32", "int8"}
+    result = load_measurements(tmp_path / "measured")
+    assert result["settings"]["random_weights"] is True
+    assert any("random weights" in note for note in result["notes"])
+    fp32, int8 = result["variants"]["fp32"], result["variants"]["int8"]
+    assert fp32["metrics"]["perplexity"] == pytest.approx(result["baseline"]["metric"], rel=1e-5)
+    assert fp32["agreement"] == 1.0 and 0 <= int8["agreement"] <= 1
+    for entry in (result["baseline"], fp32, int8):
+        assert set(entry["latency"]) == {"b1_s8"} and entry["latency"]["b1_s8"]["prefill_ms_p50"] > 0
+    assert set(fp32["prefill_speedup_vs_pytorch"]) == {"b1_s8"}
     json.dumps(result)  # manifest-ready
 
 
 def test_tiny_builder_records_training(tmp_path):
-    from pipeline.decoder.tiny import build_tiny_decoder, random_weights
+    from pipeline.model_source import random_weights
+    from pipeline.zoo.tiny_decoder import build_tiny_decoder
 
     folder = build_tiny_decoder(tmp_path / "m", "qwen2", tokenizer=shared_tokenizer(), train_steps=2)
     config = json.loads((folder / "config.json").read_text())
@@ -163,7 +177,7 @@ def test_tiny_builder_records_training(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-gpt2-offline.yaml", "gpt2.yaml", "qwen2.5-0.5b.yaml"])
 def test_decoder_recipes_pass_check(name):
-    from pipeline.recipe import load_recipe
+    from pipeline.config import load_recipe
 
     recipe = load_recipe(RECIPES / name)
     assert recipe.model.task == "text-generation"

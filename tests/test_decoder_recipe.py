@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.cli import main
-from pipeline.decoder.tiny import build_tiny_decoder
+from pipeline.zoo.tiny_decoder import build_tiny_decoder
 
 ROOT = Path(__file__).parent.parent
 

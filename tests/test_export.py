@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import build_tiny_bert, export_only_recipe
 
+from pipeline.config import recipe_from_dict
 from pipeline.errors import InputError, ParityError
-from pipeline.onnx_utils import open_session
-from pipeline.recipe import recipe_from_dict
+from pipeline.onnx.session import open_session
 from pipeline.runner import Runner
 
 OUTPUTS = {
@@ -29,7 +29,7 @@ def test_export_tasks_have_dynamic_axes(task, tmp_path):
     folder = tmp_path / "out" / "tiny" / "fp32" / "export"
     metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
     assert metrics["outputs"] == OUTPUTS[task]
-    assert [s["seq"] for s in metrics["parity"]["shapes"]] == [8, 37, 64]
+    assert [s["seq"] for s in metrics["parity"]["cases"]] == [8, 37, 64]
     session = open_session(folder / "model.onnx")
     # A shape outside the parity grid also runs: batch and sequence axes are dynamic.
     feeds = {i.name: np.ones((5, 19), dtype=np.int64) for i in session.get_inputs()}
@@ -61,7 +61,7 @@ def test_missing_model_folder_is_input_error(tmp_path):
 
 def test_external_data_flows_through_export(tiny_ner_model, tmp_path, monkeypatch):
     """Models over 2 GB keep weights in model.onnx.data; a lowered threshold exercises that path."""
-    from pipeline import onnx_utils
+    from pipeline.onnx import io as onnx_utils
 
     monkeypatch.setattr(onnx_utils, "EXTERNAL_DATA_THRESHOLD", 100_000)
     Runner(recipe_from_dict(export_only_recipe(tiny_ner_model)), exported=tmp_path / "out").run()

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import export_only_recipe
 
+from pipeline.config import recipe_from_dict
 from pipeline.errors import StageError
-from pipeline.recipe import recipe_from_dict
 from pipeline.runner import Runner
 
 

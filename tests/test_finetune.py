@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from fixtures_tiny import make_ner_examples, make_text_examples, make_tiny_bert, write_conll
 
+from pipeline.config import FinetuneConfig, recipe_from_dict
 from pipeline.data import DataBundle
-from pipeline.errors import InputError
-from pipeline.recipe import recipe_from_dict
-from pipeline.registry import StageContext, get_stage
-from pipeline.stages.finetune import FinetuneConfig, train_model
+from pipeline.errors import InputError, RecipeError
+from pipeline.stages.registry import StageContext, get_stage
 from pipeline.tasks import get_task, id2label_of, load_tokenizer
+from pipeline.training import train_model
 
 torch = pytest.importorskip("torch")
 
@@ -124,11 +124,11 @@ def _context(tmp_path, bare_dir, task, train_file, **finetune):
     out.mkdir()
     return StageContext(
         config=recipe.finetune,
-        recipe=recipe,
+        model=recipe.model,
+        task=get_task(task),
         input_dir=bare_dir,
         output_dir=out,
-        data=DataBundle(recipe),
-        machine={},
+        data=DataBundle.from_recipe(recipe).view(("train", "eval")),
         log=logging.getLogger("test"),
     )
 
@@ -161,16 +161,15 @@ def test_finetune_stage_rejects_embeddings(tmp_path, bare_dir):
     data.write_text(
         "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in make_text_examples(10))
     )
-    ctx = _context(tmp_path, bare_dir, "feature-extraction", data)
-    with pytest.raises(InputError, match="feature-extraction cannot be fine-tuned"):
-        get_stage("finetune").fn(ctx)
+    with pytest.raises(RecipeError, match="a feature-extraction model cannot be fine-tuned"):
+        _context(tmp_path, bare_dir, "feature-extraction", data)
 
 
 def test_group_by_length_batches_cover_the_epoch_with_less_padding():
     import torch
 
-    from pipeline.stages.finetune import _epoch_order
     from pipeline.tasks.base import Encoded
+    from pipeline.training import _epoch_order
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 64, size=1000)

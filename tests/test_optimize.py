@@ -11,9 +11,11 @@ import pytest
 from fixtures_optimize import export_onnx, make_ctx, make_tiny_bert
 from pydantic import ValidationError
 
+from pipeline.config import OptimizeConfig
 from pipeline.errors import InputError, StageError
-from pipeline.onnx_utils import dummy_inputs, open_session
-from pipeline.stages.optimize import OptimizeConfig, optimize
+from pipeline.onnx.session import open_session
+from pipeline.stages.optimize import optimize
+from pipeline.tasks import dummy_inputs
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def test_fuses_tiny_bert_fully_and_keeps_parity(tiny_onnx, tmp_path):
     assert metrics["ort_fused_operator_statistics"]["Attention"] == 2
     assert (metrics["num_heads"], metrics["hidden_size"], metrics["num_layers"]) == (2, 32, 2)
     assert metrics["parity"]["max_abs_diff"] < 1e-3
-    assert len(metrics["parity"]["shapes"]) == 3
+    assert len(metrics["parity"]["cases"]) == 3
     json.dumps(metrics)  # manifest-ready
 
     # The artifact is self-contained: model + config + tokenizer, and it runs.
@@ -137,7 +139,7 @@ def test_config_rejects_unknown_values():
 
 
 def test_external_data_flows_through(tiny_onnx, tmp_path, monkeypatch):
-    from pipeline import onnx_utils
+    from pipeline.onnx import io as onnx_utils
 
     monkeypatch.setattr(onnx_utils, "EXTERNAL_DATA_THRESHOLD", 1000)
     metrics = optimize(make_ctx(OptimizeConfig(), tiny_onnx, tmp_path / "out"))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from fixtures_prune import tiny_checkpoint
 
+from pipeline.tasks import get_task
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
@@ -50,10 +52,10 @@ def exported(tmp_path_factory):
 
 
 def _reference(model):
-    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-        return [out.logits.numpy()]
+        return {"logits": out.logits.numpy()}
 
     return run
 
@@ -81,10 +83,13 @@ def test_structured_pruning_shrinks_onnx_file(exported):
 
 @pytest.mark.parametrize("kind", ["dense", "ffn", "heads"])
 def test_pruned_export_matches_pytorch(exported, kind):
-    from pipeline.onnx_utils import open_session, parity_grid
+    from pipeline.onnx.parity import parity_grid
+    from pipeline.onnx.session import open_session
 
     model, onnx_path = exported[kind]
-    result = parity_grid(_reference(model), open_session(onnx_path), SHAPES, 1e-4, model.config.vocab_size)
+    session = open_session(onnx_path)
+    cases = get_task("token-classification").parity_cases(session, SHAPES, model.config.vocab_size)
+    result = parity_grid(_reference(model), session, cases, 1e-4)
     assert result["max_abs_diff"] < 1e-4
     assert result["argmax_agreement"] == 1.0
 
@@ -92,7 +97,8 @@ def test_pruned_export_matches_pytorch(exported, kind):
 def test_head_pruned_model_fuses_attention_with_pruned_head_count(exported, tmp_path):
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from pipeline.onnx_utils import open_session, parity_grid
+    from pipeline.onnx.parity import parity_grid
+    from pipeline.onnx.session import open_session
     from pipeline.pruning.structured import attention_shape
 
     model, onnx_path = exported["heads"]
@@ -115,7 +121,9 @@ def test_head_pruned_model_fuses_attention_with_pruned_head_count(exported, tmp_
     assert attention_heads == [heads] * LAYERS
     fused = tmp_path / "fused.onnx"
     optimized.save_model_to_file(str(fused))
-    result = parity_grid(_reference(model), open_session(fused), SHAPES, 1e-4, model.config.vocab_size)
+    session = open_session(fused)
+    cases = get_task("token-classification").parity_cases(session, SHAPES, model.config.vocab_size)
+    result = parity_grid(_reference(model), session, cases, 1e-4)
     assert result["max_abs_diff"] < 1e-4
 
 

@@ -9,9 +9,8 @@ import pytest
 from fixtures_prune import ner_examples, tiny_checkpoint
 from pydantic import ValidationError
 
+from pipeline.config import PruneConfig, recipe_from_dict
 from pipeline.errors import InputError, RecipeError
-from pipeline.recipe import recipe_from_dict
-from pipeline.stages.prune import PruneConfig
 
 torch = pytest.importorskip("torch")
 
@@ -28,24 +27,26 @@ def _recipe(model_dir: Path, steps: list | None = None, **extra):
 
 
 def _run(model_dir: Path, out: Path, reference: Path | None = None, **config):
+    from pipeline.config import FinetuneConfig
     from pipeline.data import DataBundle
-    from pipeline.registry import StageContext, get_stage
+    from pipeline.stages.registry import get_stage, run_stage
 
     spec = get_stage("prune")
-    assert (spec.consumes, spec.produces, spec.data_splits) == ("hf", "hf", ("train", "eval"))
-    out.mkdir()
-    ctx = StageContext(
-        config=PruneConfig.model_validate(config),
-        recipe=_recipe(model_dir, finetune={"batch_size": 8, "lr": 1e-3, "seed": 0}),
-        input_dir=model_dir,
-        output_dir=out,
+    assert (spec.consumes, spec.produces) == ("hf", "hf")
+    pruning = PruneConfig.model_validate(config)
+    assert spec.splits(pruning) == (("train", "eval") if pruning.recover_epochs else ())
+    metrics = run_stage(
+        "prune",
+        pruning,
+        model_dir,
+        out,
+        model={"source": str(model_dir), "task": "token-classification", "max_length": 32},
         data=DataBundle.from_examples(
             "token-classification", train=ner_examples(48, seed=1), eval=ner_examples(16, seed=2)
         ),
-        machine={},
+        sections={"finetune": FinetuneConfig(batch_size=8, lr=1e-3, seed=0)},
         reference_hf_dir=reference,
     )
-    metrics = spec.fn(ctx)
     json.dumps(metrics)  # JSON-serialisable
     return metrics
 

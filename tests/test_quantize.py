@@ -7,15 +7,18 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_optimize import StubData, StubExample, export_onnx, make_ctx, make_tiny_bert, ner_sentences
+from fixtures_optimize import calibration_data, export_onnx, make_ctx, make_tiny_bert, ner_sentences
 from pydantic import ValidationError
 
+from pipeline.config import OptimizeConfig, QuantizeConfig
+from pipeline.data import TextExample
 from pipeline.errors import InputError, ParityError
-from pipeline.onnx_utils import dummy_inputs, open_session
+from pipeline.onnx.session import open_session
 from pipeline.quantization.sensitivity import output_error
 from pipeline.quantization.types import default_int8_types
-from pipeline.stages.optimize import OptimizeConfig, optimize
-from pipeline.stages.quantize import QuantizeConfig, quantize
+from pipeline.stages.optimize import optimize
+from pipeline.stages.quantize import quantize
+from pipeline.tasks import dummy_inputs
 
 # 2 layers x (Q, K, V, attention output, FFN in, FFN out) + classifier: MatMuls with weights.
 WEIGHT_MATMULS = 13
@@ -40,7 +43,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration():
-    return StubData({"calibration": ner_sentences(24)})
+    return calibration_data(ner_sentences(24))
 
 
 def _run(config, src, out, data=None, machine=None):
@@ -116,7 +119,7 @@ def test_calibration_is_deterministic(models, calibration, tmp_path):
     _run(config, models["plain"], tmp_path / "a", calibration)
     _run(config, models["plain"], tmp_path / "b", calibration)
     assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
-    other = StubData({"calibration": ner_sentences(24, offset=24)})
+    other = calibration_data(ner_sentences(24, offset=24))
     _run(config, models["plain"], tmp_path / "c", other)
     assert _sha(tmp_path / "c") != _sha(tmp_path / "a")  # the calibration data is really used
 
@@ -165,8 +168,8 @@ def test_weight_only_int4(models, tmp_path):
 
 def test_empty_calibration_data_is_an_input_error(models, tmp_path):
     with pytest.raises(InputError, match="data.calibration"):
-        _run(QuantizeConfig(mode="static"), models["plain"], tmp_path / "a", StubData({}))
-    blank = StubData({"calibration": [StubExample("  "), StubExample("")]})
+        _run(QuantizeConfig(mode="static"), models["plain"], tmp_path / "a", calibration_data([]))
+    blank = calibration_data([TextExample("  "), TextExample("")])
     with pytest.raises(InputError, match="data.calibration: all 2 calibration examples have empty text"):
         _run(QuantizeConfig(mode="static"), models["plain"], tmp_path / "b", blank)
     assert not (tmp_path / "b" / "model.onnx").exists()
@@ -226,22 +229,25 @@ def test_output_error_figures():
 def test_fidelity_check_follows_the_task(models, tmp_path):
     """Class scores: argmax agreement (default 0.9). Hidden states (feature-extraction): mean cosine
     (default 0.98), since the argmax of an embedding is no prediction."""
-    from fixtures_optimize import make_recipe
+    from pipeline.tasks import get_task
 
-    from pipeline.stages.quantize import _min_agreement, _min_cosine_mean
+    def policy(task):
+        return get_task(task).quantization_policy(None, QuantizeConfig())
 
-    assert _min_agreement(QuantizeConfig(), "token-classification") == 0.9
-    assert _min_agreement(QuantizeConfig(), "feature-extraction") is None
-    assert _min_cosine_mean(QuantizeConfig(), "feature-extraction") == 0.98
-    assert _min_cosine_mean(QuantizeConfig(), "text-classification") is None
-    assert _min_agreement(QuantizeConfig(min_argmax_agreement=0.5), "feature-extraction") == 0.5
+    assert policy("token-classification").min_argmax_agreement == 0.9
+    assert policy("feature-extraction").min_argmax_agreement is None
+    assert policy("feature-extraction").min_cosine_mean == 0.98
+    assert policy("text-classification").min_cosine_mean is None
 
     metrics = _run(QuantizeConfig(mode="dynamic"), models["plain"], tmp_path / "ok")
     parity = metrics["parity"]
     assert 0.9 < parity["cosine_mean"] <= 1.0 and parity["cosine_min"] <= parity["cosine_mean"]
-    recipe = make_recipe()
-    recipe.model.task = "feature-extraction"
     with pytest.raises(ParityError, match="mean output cosine similarity .* below the minimum 1"):
         quantize(
-            make_ctx(QuantizeConfig(min_cosine_mean=1.0), models["plain"], tmp_path / "b", recipe=recipe)
+            make_ctx(
+                QuantizeConfig(min_cosine_mean=1.0),
+                models["plain"],
+                tmp_path / "b",
+                task="feature-extraction",
+            )
         )

@@ -6,7 +6,7 @@ import json
 
 from fixtures_optimize import make_tiny_bert
 
-from pipeline.recipe import recipe_from_dict
+from pipeline.config import recipe_from_dict
 from pipeline.runner import Runner
 
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""Random-weight BERT encoders (pipeline.random_encoder) and the speed recipe built on them."""
+"""Random-weight BERT encoders (pipeline.zoo.random_encoder) and the speed recipe built on them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import random_encoder
-from pipeline.decoder.tiny import RANDOM_WEIGHTS_KEY
 from pipeline.errors import InputError
-from pipeline.random_encoder import SHAPE_KEY, TOKENIZER_FILES, build_random_encoder, main
+from pipeline.model_source import RANDOM_WEIGHTS_KEY
+from pipeline.zoo import random_encoder
+from pipeline.zoo.random_encoder import SHAPE_KEY, TOKENIZER_FILES, build_random_encoder, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         main([str(tmp_path / "x"), "--shape", "huge"])
     assert exit_info.value.code == 2
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.random_encoder", str(folder), "--shape", "tiny"],
+        [sys.executable, "-m", "pipeline.zoo.random_encoder", str(folder), "--shape", "tiny"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -120,7 +120,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_speed_recipe_loads_with_its_variants() -> None:
-    from pipeline.recipe import load_recipe
+    from pipeline.config import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "bert-base-speed.yaml")
     assert recipe.model.source == "./exported/_models/bert-base-random"
@@ -147,7 +147,7 @@ def test_speed_recipe_loads_with_its_variants() -> None:
 
 
 def test_report_of_a_random_model_says_so(tiny: Path, tmp_path: Path) -> None:
-    from pipeline.recipe import recipe_from_dict
+    from pipeline.config import recipe_from_dict
     from pipeline.runner import Runner
 
     recipe = recipe_from_dict(

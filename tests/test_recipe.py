@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import apply_override, load_recipe
 from pipeline.errors import RecipeError
-from pipeline.recipe import apply_override, load_recipe
 
 GOOD = """
 name: tiny

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.config import Recipe, recipe_from_dict
 from pipeline.errors import RecipeError
-from pipeline.recipe import Recipe, recipe_from_dict
 
 KEYS = [
     "name",

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_validate import crafted_report, recipe_for, run_readme_snippet, validated_once
+from fixtures_validate import build_bundle, crafted_report, recipe_for, run_readme_snippet, validated_once
 
+from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.release import build_release, main_verify, pick_release, verify_command, verify_release
+from pipeline.release import pick_release, verify_command, verify_release
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def released(tmp_path_factory):
     run = validated_once(tmp_path_factory)
     out = tmp_path_factory.mktemp("release") / "release"
     out.mkdir()
-    manifest = build_release(run["recipe"], run["report"], run["variants"], run["manifests"], out)
+    manifest = build_bundle(run["recipe"], run["report"], run["variants"], run["manifests"], out)
     return {**run, "bundle": out, "manifest": manifest}
 
 
@@ -35,30 +36,37 @@ def bundle(released, tmp_path):
 # -- the pick --------------------------------------------------------------------------------------
 
 
+def pick(recipe, report):
+    return pick_release(recipe.gates, recipe.release, report)
+
+
 def test_pick_fastest_within_gates(tmp_path):
     report = crafted_report()
-    assert pick_release(recipe_for(tmp_path), report)["variant"] == "int8"
+    assert pick(recipe_for(tmp_path), report)["variant"] == "int8"
     strict = recipe_for(tmp_path, gates={"max_metric_drop": 0.005})
-    pick = pick_release(strict, report)
-    assert pick["variant"] == "fp32" and pick["reason"].startswith(
+    strict_pick = pick(strict, report)
+    assert strict_pick["variant"] == "fp32" and strict_pick["reason"].startswith(
         "fastest within all gates; p50 10 ms at b1_s64"
     )
     # Ranking at another shape: at b8_s64 int8 is still the fastest.
-    assert pick_release(recipe_for(tmp_path, release={"fastest_at": "b8_s64"}), report)["variant"] == "int8"
+    at_b8 = recipe_for(
+        tmp_path,
+        release={"fastest_at": "b8_s64"},
+        validate={"latency": {"batch_sizes": [1, 8], "seq_lens": [64]}},
+    )
+    assert pick(at_b8, report)["variant"] == "int8"
 
 
 def test_pick_named_and_nothing_passing(tmp_path):
     report = crafted_report()
-    named = pick_release(recipe_for(tmp_path, release={"pick": "fp32"}), report)
+    named = pick(recipe_for(tmp_path, release={"pick": "fp32"}), report)
     assert named["variant"] == "fp32" and named["reason"].startswith("named by release.pick")
-    failing = pick_release(
-        recipe_for(tmp_path, release={"pick": "int8"}, gates={"max_metric_drop": 0.001}), report
-    )
+    failing = pick(recipe_for(tmp_path, release={"pick": "int8"}, gates={"max_metric_drop": 0.001}), report)
     assert (
         failing["variant"] is None
         and "release.pick 'int8' fails its gates: int8/max_metric_drop" in failing["reason"]
     )
-    none = pick_release(recipe_for(tmp_path, gates={"min_speedup_vs_pytorch": 10.0}), report)
+    none = pick(recipe_for(tmp_path, gates={"min_speedup_vs_pytorch": 10.0}), report)
     assert none["variant"] is None
     assert none["reason"].startswith("no variant passes all gates: fp32: fp32/min_speedup_vs_pytorch: 2.5")
 
@@ -67,7 +75,7 @@ def test_no_release_writes_nothing(released, tmp_path):
     report = dict(released["report"], release={"variant": None, "reason": "no variant passes all gates"})
     out = tmp_path / "empty"
     out.mkdir()
-    assert build_release(released["recipe"], report, released["variants"], released["manifests"], out) is None
+    assert build_bundle(released["recipe"], report, released["variants"], released["manifests"], out) is None
     assert list(out.iterdir()) == []
 
 
@@ -122,7 +130,7 @@ def test_one_changed_byte_is_caught(bundle, capsys):
     problems = verify_release(bundle)
     assert problems[0].startswith("model.onnx: sha256 ") and "does not match the manifest" in problems[0]
     assert problems[-1] == "smoke inference skipped: the files do not match the manifest"
-    assert main_verify([str(bundle)]) == 1
+    assert main(["verify", str(bundle)]) == 1
     assert "FAIL model.onnx: sha256" in capsys.readouterr().out
 
 
@@ -167,7 +175,7 @@ def test_verify_command_bad_folder(tmp_path, capsys):
         verify_command(tmp_path / "absent")
     with pytest.raises(InputError, match="no manifest.json; not a release bundle"):
         verify_command(tmp_path)
-    assert main_verify([str(tmp_path)]) == 2
+    assert main(["verify", str(tmp_path)]) == 2
     assert "not a release bundle" in capsys.readouterr().err
 
 
@@ -212,7 +220,7 @@ def test_external_data_travels_and_is_verified(released, tmp_path):
     )
     out = tmp_path / "release"
     variants = {**released["variants"], chosen: source}
-    manifest = build_release(released["recipe"], released["report"], variants, released["manifests"], out)
+    manifest = build_bundle(released["recipe"], released["report"], variants, released["manifests"], out)
     assert manifest["model"]["external_data"] == ["model.onnx.data"]
     assert "model.onnx.data" in {f["path"] for f in manifest["files"]}
     assert verify_release(out) == []

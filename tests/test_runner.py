@@ -8,10 +8,10 @@ import pytest
 from conftest import export_only_recipe
 from filelock import FileLock
 
+from pipeline.config import recipe_from_dict
 from pipeline.errors import RecipeError, StageError
-from pipeline.recipe import recipe_from_dict
-from pipeline.registry import _STAGES, StageSpec
 from pipeline.runner import Runner, build_plan
+from pipeline.stages.registry import _STAGES, StageSpec
 
 
 def _run(document, exported, **kwargs):
@@ -27,7 +27,7 @@ def test_export_writes_manifest_and_second_run_is_cached(tiny_ner_model, tmp_pat
     assert manifest["stage"] == "export" and manifest["config"]["opset"] == 18
     assert {o["path"] for o in manifest["outputs"]} >= {"model.onnx", "config.json", "tokenizer.json"}
     assert manifest["metrics"]["parity"]["max_abs_diff"] <= 1e-4
-    assert len(manifest["metrics"]["parity"]["shapes"]) == 3
+    assert len(manifest["metrics"]["parity"]["cases"]) == 3
     assert manifest["versions"]["onnxruntime"] and manifest["machine"]["cores"]
     mtime = (folder / "model.onnx").stat().st_mtime_ns
 
@@ -52,7 +52,7 @@ def test_changed_config_reruns_and_tampered_output_reruns(tiny_ner_model, tmp_pa
 
 
 def _register_test_stage(name, fn):
-    from pipeline.stages.optimize import OptimizeConfig
+    from pipeline.config import OptimizeConfig
 
     _STAGES[name] = StageSpec(name=name, config_cls=OptimizeConfig, fn=fn, consumes="onnx", produces="onnx")
 
@@ -67,7 +67,7 @@ def test_failing_stage_leaves_no_output_and_keeps_previous(tiny_ner_model, tmp_p
         (ctx.output_dir / "model.onnx").write_bytes(b"half written")
         raise RuntimeError("boom")
 
-    from pipeline import registry
+    from pipeline.stages import registry
 
     spec = registry.get_stage("export")
     monkeypatch.setitem(_STAGES, "export", StageSpec(**{**spec.__dict__, "fn": explode}))
@@ -124,3 +124,67 @@ def test_symlinked_output_folder_is_refused(tiny_ner_model, tmp_path):
     (exported / "tiny").symlink_to(tmp_path)
     with pytest.raises(RecipeError, match="escapes"):
         _run(export_only_recipe(tiny_ner_model), exported)
+
+
+def test_cache_keys_cover_exactly_what_each_stage_reads(tiny_ner_model, tmp_path, monkeypatch):
+    """A stage's key is built from its own section and what it declares it reads: export.parity
+    re-runs export and the ONNX stages after it (their parity grid), never finetune or prune; the
+    machine's INT8 capability re-runs INT8 quantization only."""
+    from fixtures_tiny import make_ner_examples, write_conll
+
+    from pipeline import fingerprint
+
+    data = write_conll(tmp_path / "ner.txt", make_ner_examples(40, seed=5))
+    document = export_only_recipe(
+        tiny_ner_model,
+        data={"train": {"source": str(data), "split": ":80%"}},
+        finetune={"epochs": 1, "batch_size": 8, "seed": 0},
+        variants={
+            "int8": [{"quantize": {"mode": "dynamic"}}],
+            "int4": [{"quantize": {"mode": "weight_only_int4", "block_size": 16}}],
+            "ffn50": [{"prune": {"kind": "ffn", "amount": 0.5}}, {"quantize": {"mode": "dynamic"}}],
+        },
+    )
+    exported = tmp_path / "exported"
+    first = _run(document, exported)
+    assert sorted(first.ran) == [
+        "ffn50/export",
+        "ffn50/prune",
+        "ffn50/quantize",
+        "int4/quantize",
+        "int8/export",
+        "int8/finetune",
+        "int8/quantize",
+    ]
+    manifest = json.loads((exported / "tiny" / "int8" / "quantize" / "manifest.json").read_text())
+    assert manifest["reads"] == {
+        "sections": ["export.parity"],
+        "machine": {"int8_types": manifest["reads"]["machine"]["int8_types"]},
+    }
+    assert manifest["data"] == {}  # dynamic INT8 reads no calibration data
+
+    changed = {
+        **document,
+        "export": {**document["export"], "parity": {"atol": 2e-4, "shapes": [[1, 8], [3, 37], [2, 64]]}},
+    }
+    again = _run(changed, exported)
+    assert sorted(again.ran) == [
+        "ffn50/export",
+        "ffn50/quantize",
+        "int4/quantize",
+        "int8/export",
+        "int8/quantize",
+    ]
+    assert sorted(again.cached) == ["ffn50/prune", "int8/finetune"]
+
+    # The same exported/ folder on a CPU without VNNI: INT8 types change, so INT8 re-runs; INT4 not.
+    real = fingerprint.machine_fingerprint()
+    flags = {
+        **real["flags"],
+        "avx512_vnni": not real["flags"]["avx512_vnni"],
+        "avx_vnni": False,
+        "amx": False,
+    }
+    monkeypatch.setattr(fingerprint, "machine_fingerprint", lambda: {**real, "flags": flags})
+    moved = _run(changed, exported)
+    assert sorted(moved.ran) == ["ffn50/quantize", "int8/quantize"]

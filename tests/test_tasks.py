@@ -35,9 +35,10 @@ def test_get_task_and_unsupported_tasks():
     assert get_task("token-classification").metric_name == "f1"
     assert get_task("text-classification").metric_name == "accuracy"
     assert get_task("feature-extraction").metric_name == "probe_accuracy"
-    for name in ("question-answering", "text-generation"):
-        with pytest.raises(InputError, match=f"task {name}: not supported for fine-tune/scoring yet"):
-            get_task(name)
+    assert get_task("text-generation").metric_name == "perplexity"
+    assert get_task("text-generation").lower_is_better == ("perplexity",)
+    assert not get_task("question-answering").scorable  # exported and quantized, not scored yet
+    assert not get_task("text-generation").trainable
     with pytest.raises(InputError, match="unknown task 'nope'"):
         get_task("nope")
 

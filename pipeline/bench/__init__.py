@@ -1,6 +1,6 @@
 """Benchmark harness: interleaved latency of several callables, percentiles, peak memory.
 
-    from pipeline.bench import interleaved, summarize, shape_key, PeakRSS
+    from pipeline.bench import interleaved, summarize, PeakRSS
 
     times = interleaved({"pytorch": run_torch, "int8": run_ort}, warmup=5, iters=50)
     stats = {name: summarize(ms, batch=8) for name, ms in times.items()}   # p50/p90/p99, throughput
@@ -14,10 +14,9 @@ Everything here is light (numpy, psutil); the callables bring their own runtimes
 from pipeline.bench.latency import (
     geometric_mean,
     interleaved,
-    parse_shape_key,
-    shape_key,
     speedups,
     summarize,
+    time_shapes,
     torch_threads,
 )
 from pipeline.bench.memory import PeakRSS, current_rss
@@ -27,8 +26,7 @@ __all__ = [
     "current_rss",
     "geometric_mean",
     "interleaved",
-    "parse_shape_key",
-    "shape_key",
+    "time_shapes",
     "speedups",
     "summarize",
     "torch_threads",

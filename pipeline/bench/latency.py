@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,20 +18,7 @@ from typing import Any
 
 import numpy as np
 
-_KEY = re.compile(r"^b(\d+)_s(\d+)$")
-
-
-def shape_key(batch: int, seq: int) -> str:
-    """The report's name for one input shape: b<batch>_s<seq>."""
-    return f"b{int(batch)}_s{int(seq)}"
-
-
-def parse_shape_key(key: str) -> tuple[int, int]:
-    """(batch, seq) of a `b<batch>_s<seq>` key; ValueError for anything else."""
-    match = _KEY.match(str(key))
-    if not match:
-        raise ValueError(f"expected a shape key like 'b1_s64', got {key!r}")
-    return int(match.group(1)), int(match.group(2))
+from pipeline.config.base import shape_key
 
 
 def interleaved(
@@ -115,6 +101,47 @@ def speedups(
         if key in reference and stats.get("p50_ms"):
             ratios[key] = round(float(reference[key]["p50_ms"]) / float(stats["p50_ms"]), 4)
     return ratios
+
+
+def time_shapes(
+    runners: Mapping[str, Any],
+    shapes: Sequence[tuple[int, int]],
+    calls_of: Callable[[Any, int, int], Mapping[str, Callable[[], Any]]],
+    *,
+    warmup: int,
+    iters: int,
+    block: int,
+    settle: int,
+    progress: Any = None,
+    on_shape: Callable[[str, dict[str, dict[str, list[float]]]], None] | None = None,
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Milliseconds of every runner's timed calls at every shape: {runner: {shape key: {call: ms}}}.
+
+    `calls_of(runner, batch, seq)` gives the runner's timed calls at one shape ("" for a plain
+    forward; a decoder has "prefill" and "decode"). All calls of all runners at one shape take
+    turns in one `interleaved` round robin, so a drift in background load hits them alike.
+    """
+    times: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in runners}
+    for batch, seq in shapes:
+        key = shape_key(batch, seq)
+        calls: dict[tuple[str, str], Callable[[], Any]] = {}
+        for name, runner in runners.items():
+            for call, fn in calls_of(runner, batch, seq).items():
+                calls[(name, call)] = fn
+        measured = interleaved(
+            {f"{name}\x00{call}": fn for (name, call), fn in calls.items()},
+            warmup=warmup,
+            iters=iters,
+            block=block,
+            settle=settle,
+            progress=progress,
+        )
+        for label, ms in measured.items():
+            name, call = label.split("\x00")
+            times[name].setdefault(key, {})[call] = ms
+        if on_shape is not None:
+            on_shape(key, {name: times[name][key] for name in runners})
+    return times
 
 
 def geometric_mean(values: Sequence[float]) -> float | None:

@@ -1,12 +1,13 @@
 """Peak memory of one candidate, measured in a fresh process (clean numbers: no allocator reuse).
 
-    python -m pipeline.bench.memprobe onnx FOLDER/model.onnx --batch 8 --seq 128 --threads 2 \
-        [--provider CPUExecutionProvider] --vocab 30522
+    python -m pipeline.bench.memprobe onnx FOLDER/model.onnx --task token-classification --batch 8 \
+        --seq 128 --threads 2 [--provider CPUExecutionProvider] --vocab 30522
     python -m pipeline.bench.memprobe torch HF_FOLDER --task token-classification --batch 8 ...
 
 prints one JSON line: {"start_rss", "peak_rss", "delta_bytes", "method"}: the resident memory the
-process gained while loading the model and running one inference at the given shape (the
-runtime's own import is done before the measurement starts). `measure_peak_memory` runs it.
+process gained while loading the model and running its task's timed calls once at the given
+shape (a forward; a decoder's prefill and decode step). The runtime's own import is done before
+the measurement starts. `measure_peak_memory` runs it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def measure_peak_memory(
     seq: int,
     threads: int,
     vocab_size: int,
+    task: str,
     provider: str = "CPUExecutionProvider",
-    task: str | None = None,
     timeout_s: float = 600,
 ) -> dict[str, Any]:
     """Run the probe in a subprocess; RuntimeError with its last stderr line when it fails."""
@@ -48,9 +49,9 @@ def measure_peak_memory(
         str(vocab_size),
         "--provider",
         provider,
+        "--task",
+        task,
     ]
-    if task:
-        command += ["--task", task]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -60,46 +61,35 @@ def measure_peak_memory(
 
 
 def _probe(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib
+    import json as _json
+
     from pipeline.bench.memory import PeakRSS
-    from pipeline.onnx_utils import dummy_inputs
+    from pipeline.tasks import get_task
 
+    task = get_task(args.task)
     if args.kind == "onnx":
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (the runtime's import is not the model's memory)
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        providers = (
-            [args.provider]
-            if args.provider == "CPUExecutionProvider"
-            else [args.provider, "CPUExecutionProvider"]
-        )
+        from pipeline.onnx.session import open_session
+
         with PeakRSS() as memory:
-            session = ort.InferenceSession(args.path, sess_options=options, providers=providers)
-            names = [i.name for i in session.get_inputs()]
-            session.run(None, dummy_inputs(names, args.batch, args.seq, args.vocab))
+            session = open_session(Path(args.path), args.provider, args.threads)
+            for call in task.timing_calls(session, args.batch, args.seq, args.vocab).values():
+                call()
     else:
-        import importlib
-        import json as _json
-
         import torch
 
-        from pipeline.tasks import get_task
-
         torch.set_num_threads(args.threads)
-        task = get_task(args.task)
         model_type = _json.loads((Path(args.path) / "config.json").read_text()).get("model_type", "")
         try:  # import the model code before measuring: module imports are not the model's memory
             importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
         except ImportError:
             pass
-        from transformers import AutoTokenizer
-
-        names = list(AutoTokenizer.from_pretrained(args.path).model_input_names)
         with PeakRSS() as memory:
             model = task.load_model(args.path)
-            task.torch_forward(model)(dummy_inputs(names, args.batch, args.seq, args.vocab))
+            for call in task.timing_calls(model, args.batch, args.seq, args.vocab).values():
+                call()
     return {
         "start_rss": memory.start_bytes,
         "peak_rss": memory.peak_bytes,
@@ -117,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--provider", default="CPUExecutionProvider")
-    parser.add_argument("--task")
+    parser.add_argument("--task", required=True)
     args = parser.parse_args(argv)
     print(json.dumps(_probe(args)))
     return 0

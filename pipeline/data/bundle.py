@@ -5,20 +5,18 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from pipeline.config.data import DataConfig
 from pipeline.data.examples import Example, TextExample, TokenExample, examples_digest
 from pipeline.data.sources import load_split
 from pipeline.errors import InputError
-
-if TYPE_CHECKING:
-    from pipeline.recipe import Recipe
 
 SPLITS = ("train", "eval", "calibration")
 
 
 class DataBundle:
-    """The recipe's data splits, read on first use and cached.
+    """A recipe's data splits (its `data` section for a task), read on first use and cached.
 
     `get(split)` returns the examples of "train", "eval" or "calibration" (InputError when the split
     is not configured or empty); `digest(split)` a sha256 of them; `labels()` the sorted label set.
@@ -26,11 +24,18 @@ class DataBundle:
     the split named by `data.calibration.from` (kept in their original order).
     """
 
-    def __init__(self, recipe: Recipe | None, *, base_dir: str | Path | None = None) -> None:
-        self.recipe = recipe
-        self.task = recipe.model.task if recipe is not None else None
+    def __init__(
+        self, data: DataConfig | None, task: str | None, *, base_dir: str | Path | None = None
+    ) -> None:
+        self.data = data
+        self.task = task
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self._cache: dict[str, list[Example]] = {}
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, *, base_dir: str | Path | None = None) -> DataBundle:
+        """The splits of a Recipe's `data` section for its model's task."""
+        return cls(recipe.data, recipe.model.task, base_dir=base_dir)
 
     @classmethod
     def from_examples(
@@ -42,8 +47,7 @@ class DataBundle:
         calibration: Sequence[Example] | None = None,
     ) -> DataBundle:
         """A bundle over in-memory examples (tests, helpers); same API as a recipe's bundle."""
-        bundle = cls(None)
-        bundle.task = task
+        bundle = cls(None, task)
         for name, examples in (("train", train), ("eval", eval), ("calibration", calibration)):
             if examples is not None:
                 bundle._cache[name] = list(examples)
@@ -56,11 +60,11 @@ class DataBundle:
         self._check_name(split)
         if split in self._cache:
             return True
-        if self.recipe is None:
+        if self.data is None:
             return False
         if split == "calibration":
-            return self.has(self.recipe.data.calibration.from_split)
-        return getattr(self.recipe.data, split) is not None
+            return self.has(self.data.calibration.from_split)
+        return getattr(self.data, split) is not None
 
     def get(self, split: str) -> list[Example]:
         self._check_name(split)
@@ -89,6 +93,10 @@ class DataBundle:
             raise InputError("data: no train or eval split configured; cannot know the labels")
         return sorted(labels)
 
+    def view(self, splits: tuple[str, ...]) -> DataView:
+        """This bundle restricted to `splits`: what a stage declared it reads (and is keyed on)."""
+        return DataView(self, splits)
+
     # -- internals ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -97,19 +105,50 @@ class DataBundle:
             raise InputError(f"data: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
     def _load(self, split: str) -> list[Example]:
-        if self.recipe is None:
+        if self.data is None:
             raise InputError(f"data.{split}: not configured")
         if split == "calibration":
-            calibration = self.recipe.data.calibration
+            calibration = self.data.calibration
             source = calibration.from_split
             if not self.has(source):
                 raise InputError(f"data.calibration: draws from data.{source}, which is not configured")
             return draw_sample(self.get(source), calibration.samples, calibration.seed)
-        spec = getattr(self.recipe.data, split)
+        spec = getattr(self.data, split)
         if spec is None:
-            raise InputError(f"data.{split}: not configured in recipe {self.recipe.name!r}")
+            raise InputError(f"data.{split}: not configured")
         assert self.task is not None
         return load_split(spec, self.task, base_dir=self.base_dir, name=split)
+
+
+class DataView:
+    """A DataBundle restricted to the splits a stage declared: reading another one is a bug in the
+    stage (its cache key would not cover it), so it fails loudly."""
+
+    def __init__(self, bundle: DataBundle, splits: tuple[str, ...]) -> None:
+        self._bundle, self.splits = bundle, tuple(splits)
+
+    def _allowed(self, split: str) -> None:
+        if split not in self.splits:
+            raise RuntimeError(
+                f"a stage read data split {split!r} it did not declare (declared: {self.splits})"
+            )
+
+    def has(self, split: str) -> bool:
+        return split in self.splits and self._bundle.has(split)
+
+    def get(self, split: str) -> list[Example]:
+        self._allowed(split)
+        return self._bundle.get(split)
+
+    def digest(self, split: str) -> str:
+        self._allowed(split)
+        return self._bundle.digest(split)
+
+    def labels(self) -> list[str]:
+        for split in ("train", "eval"):
+            if self._bundle.has(split):
+                self._allowed(split)
+        return self._bundle.labels()
 
 
 def draw_sample(examples: Sequence[Example], samples: int, seed: int) -> list[Example]:

@@ -31,16 +31,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from pipeline.config.data import SLICE_PATTERN, SplitSpec
 from pipeline.data.examples import Example, TextExample, TokenExample
 from pipeline.errors import InputError, RecipeError
 
-if TYPE_CHECKING:
-    from pipeline.recipe import SplitSpec
-
 TOKEN_TASKS = ("token-classification",)
-_SLICE = re.compile(r"^\s*(\d+%?)?\s*:\s*(\d+%?)?\s*$")
 _TAG = re.compile(r"^(O|[BIESLU]-\S+)$")
 _CONLL_SUFFIXES = {".txt", ".conll", ".bio", ".iob", ".iob2", ".bioes"}
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -403,7 +399,7 @@ def read_hf(source: str, spec: SplitSpec, task: str) -> list[Example]:
 
 def slice_bounds(split: str, count: int) -> tuple[int, int]:
     """`'0:80%'` over `count` examples -> (start, stop); percentages round down."""
-    match = _SLICE.match(split)
+    match = SLICE_PATTERN.match(split)
     if not match:
         raise RecipeError(f"split {split!r}: expected a slice like '0:80%', '80%:' or ':500'")
 

@@ -41,7 +41,7 @@ def save_checkpoint(model: Any, src: Path, dst: Path) -> list[str]:
 
     save_pretrained runs last so that the updated config.json (pruned sizes) replaces the copy.
     """
-    from pipeline.onnx_utils import copy_metadata
+    from pipeline.onnx.io import copy_metadata
 
     copied = copy_metadata(src, dst)
     # a sharded source's index would shadow the new weights; an upstream stage's report is not ours

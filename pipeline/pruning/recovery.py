@@ -2,7 +2,7 @@
 
 Optionally distils from the unpruned reference model (ctx.reference_hf_dir): the teacher's logits
 on the same batches, softened by `temperature`, weighted by `alpha` against the task loss
-(`pipeline.stages.finetune.train_model` does the training; the task API does the scoring).
+(`pipeline.training.train_model` does the training; the task API does the scoring).
 """
 
 from __future__ import annotations
@@ -21,29 +21,31 @@ class RecoverySession:
         self,
         config: Any,
         *,
-        recipe: Any,
+        task: Any,
+        max_length: int,
+        finetune: Any,
         data: Any,
         input_dir: Path,
         reference_hf_dir: Path | None,
         log: logging.Logger,
     ) -> None:
-        from pipeline.stages.finetune import FinetuneConfig
-        from pipeline.tasks import get_task, load_tokenizer
+        from pipeline.config.finetune import FinetuneConfig
+        from pipeline.tasks import load_tokenizer
 
         self.config = config
         self.log = log
-        self.task = get_task(recipe.model.task)
+        self.task = task
         if not self.task.trainable:
             raise InputError(
                 f"prune.recover_epochs: task {self.task.name} cannot be fine-tuned here; "
                 "set recover_epochs: 0"
             )
-        base = recipe.finetune if recipe.finetune is not None else FinetuneConfig()
+        base = finetune if finetune is not None else FinetuneConfig()
         updates: dict[str, Any] = {"epochs": config.recover_epochs}
         if config.recover_lr is not None:
             updates["lr"] = config.recover_lr
         self.finetune_config = base.model_copy(update=updates)
-        self.max_length = self.finetune_config.max_length or recipe.model.max_length
+        self.max_length = self.finetune_config.max_length or max_length
         self.train_examples = list(data.get("train"))[: self.finetune_config.max_train_examples]
         self.eval_examples = list(data.get("eval"))[: self.finetune_config.max_eval_examples]
         self.labels = data.labels()
@@ -93,7 +95,7 @@ class RecoverySession:
 
     def train(self, model: Any) -> tuple[Any, dict[str, Any]]:
         """Fine-tune `model` for recover_epochs; returns the best epoch's model, metric and history."""
-        from pipeline.stages.finetune import train_model
+        from pipeline.training import train_model
 
         result = train_model(
             model,

@@ -32,28 +32,38 @@ def run_prune(
     *,
     input_dir: Path,
     output_dir: Path,
-    recipe: Any,
+    task: Any,
+    model: Any,
+    finetune: Any,
     data: Any,
     reference_hf_dir: Path | None,
     log: logging.Logger | None = None,
 ) -> dict[str, Any]:
-    """Prune the checkpoint in `input_dir` per `config` (a PruneConfig) into `output_dir`."""
-    from pipeline.models import load_torch_model
+    """Prune the checkpoint in `input_dir` per `config` (a PruneConfig) into `output_dir`.
+
+    `task`: the Task; `model`: the recipe's model section; `finetune`: the recipe's finetune
+    section (None: FinetuneConfig's defaults), the training settings recovery starts from."""
     from pipeline.pruning import recovery
 
+    spec = model
     log = log or logging.getLogger("pipeline.prune")
     started = time.perf_counter()
     recover = config.recover_epochs > 0
     session = None
     if recover:
         session = recovery.RecoverySession(
-            config, recipe=recipe, data=data, input_dir=input_dir, reference_hf_dir=reference_hf_dir, log=log
+            config,
+            task=task,
+            max_length=spec.max_length,
+            finetune=finetune,
+            data=data,
+            input_dir=input_dir,
+            reference_hf_dir=reference_hf_dir,
+            log=log,
         )
         model = session.load_student()
     else:
-        model = load_torch_model(
-            input_dir, recipe.model.task, trust_remote_code=recipe.model.trust_remote_code
-        )
+        model = task.load_model(input_dir, trust_remote_code=spec.trust_remote_code, require_head=False)
     model = model.float().eval()
     blocks(model, structured=config.kind != "unstructured")  # fails early on an unsupported model
     params_before = count_parameters(model)

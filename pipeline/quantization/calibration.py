@@ -65,11 +65,16 @@ def encode_texts(
     return feeds
 
 
-def calibration_feeds(ctx: Any, model_path: Path) -> tuple[list[dict[str, np.ndarray]], int]:
-    """Tokenised calibration examples from ctx.data (InputError when there are none)."""
-    from pipeline.models import load_tokenizer
+def calibration_feeds(
+    examples: Sequence[Any],
+    tokenizer_dir: Path,
+    model_path: Path,
+    max_length: int,
+    trust_remote_code: bool = False,
+) -> list[dict[str, np.ndarray]]:
+    """Tokenised calibration examples (InputError when there are none or all are empty)."""
+    from pipeline.tasks.base import load_tokenizer
 
-    examples = ctx.data.get("calibration")
     if not examples:
         raise InputError("data.calibration: no calibration examples (static quantization needs real data)")
     texts = [getattr(example, "text", None) for example in examples]
@@ -79,9 +84,8 @@ def calibration_feeds(ctx: Any, model_path: Path) -> tuple[list[dict[str, np.nda
             f"data.calibration: all {len(examples)} calibration examples have empty text "
             "(static quantization needs real data)"
         )
-    tokenizer = load_tokenizer(ctx.input_dir, trust_remote_code=ctx.recipe.model.trust_remote_code)
-    feeds = encode_texts(texts, tokenizer, model_input_specs(model_path), ctx.recipe.model.max_length)
-    return feeds, len(texts)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    return encode_texts(texts, tokenizer, model_input_specs(model_path), max_length)
 
 
 def make_reader(feeds: list[dict[str, np.ndarray]], description: str = "calibration") -> Any:

@@ -13,11 +13,14 @@ same search serves static (calibration ranges computed once and cached) and dyna
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.errors import InputError
 
 QuantizeFn = Callable[[Path, "list[str] | None", "list[str] | None"], Path]
 _SQNR_CAP = 200.0  # dB reported for an error of exactly zero (JSON has no infinity)
@@ -25,7 +28,7 @@ _SQNR_CAP = 200.0  # dB reported for an error of exactly zero (JSON has no infin
 
 def run_feeds(model_path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """All outputs of `model_path` for each feed (CPU, one thread per op for determinism)."""
-    from pipeline.onnx_utils import open_session
+    from pipeline.onnx.session import open_session
 
     session = open_session(model_path)
     names = [o.name for o in session.get_outputs()]
@@ -162,3 +165,63 @@ def select_exclusions(
 def _remove_model(path: Path) -> None:
     for item in Path(path).parent.glob(Path(path).name + "*"):
         item.unlink(missing_ok=True)
+
+
+def auto_exclude(
+    config: Any,
+    source: Path,
+    quantize_fn: Any,
+    feeds: list[dict[str, Any]],
+    graph_nodes: dict[str, str],
+    op_types: list[str] | None,
+    work: Path,
+    base_exclude: list[str],
+) -> dict[str, Any]:
+    """Rank candidate nodes by sensitivity on calibration data and exclude the worst (config is
+    the QuantizeConfig; its auto_exclude section sets the budget and the targets)."""
+    auto = config.auto_exclude
+    assert auto is not None
+    wanted = set(op_types or ("MatMul", "Gemm", "Attention"))
+    candidates = [name for name, op in graph_nodes.items() if op in wanted and name not in base_exclude]
+    if not candidates:
+        raise InputError(f"quantize.auto_exclude: no {sorted(wanted)} nodes to rank in {source}")
+    started = time.perf_counter()
+    sample = feeds[: auto.samples]
+    reference = run_feeds(source, sample)
+    before = measure_quantized(quantize_fn, sample, reference, work, base_exclude, "none")
+    if auto.min_sqnr_db is not None or auto.min_argmax_agreement is not None:
+        if target_met(before, auto.min_sqnr_db, auto.min_argmax_agreement):
+            # Nothing to exclude: skip the per-node ranking altogether.
+            ranking: list[dict[str, Any]] = []
+            chosen = {"excluded": [], "before": before, "after": before, "steps": [], "target_met": True}
+            return _report(ranking, chosen, len(sample), len(candidates), started)
+    ranking = rank_nodes(candidates, quantize_fn, sample, reference, work)
+    # Nodes that the quantizer skipped anyway (e.g. MatMuls without a constant weight in dynamic
+    # mode) come out exact: they cannot be worth a slot in the budget.
+    ranking_useful = [item for item in ranking if item["max_abs_diff"] > 0.0]
+    chosen = select_exclusions(
+        ranking_useful,
+        quantize_fn,
+        sample,
+        reference,
+        work,
+        before=before,
+        base_exclude=base_exclude,
+        max_nodes=auto.max_nodes,
+        min_sqnr_db=auto.min_sqnr_db,
+        min_argmax_agreement=auto.min_argmax_agreement,
+    )
+    return _report(ranking, chosen, len(sample), len(candidates), started)
+
+
+def _report(
+    ranking: list[dict[str, Any]], chosen: dict[str, Any], samples: int, candidates: int, started: float
+) -> dict[str, Any]:
+    return {
+        "method": "per-node ablation: each candidate quantized alone, output SQNR vs fp32",
+        "samples": samples,
+        "candidates": candidates,
+        "ranking": ranking[:10],
+        **chosen,
+        "duration_s": round(time.perf_counter() - started, 2),
+    }

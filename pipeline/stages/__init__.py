@@ -1,1 +1,1 @@
-"""One module per stage. Each registers itself with `pipeline.registry.stage`."""
+"""One module per stage. Each registers itself with `pipeline.stages.registry.stage`."""

@@ -1,49 +1,22 @@
-"""Export stage: Hugging Face model -> ONNX via optimum-onnx, then proven equal to PyTorch."""
+"""Export stage: Hugging Face model -> ONNX via optimum-onnx, then proven equal to PyTorch.
+
+The task names the exporter task (a decoder is exported with its KV cache: one model for the
+prompt and every decode step) and supplies the I/O adapter of the parity grid. The same model
+object is exported and used as the parity reference, so a freshly initialised head (an encoder
+without one) is identical on both sides. A parity failure is a ParityError: nothing is published.
+"""
 
 from __future__ import annotations
 
+import tempfile
+import time
+import warnings
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydantic import Field, field_validator
-
-from pipeline.config import StrictModel
-from pipeline.models import TASKS, load_torch_model
-from pipeline.onnx_utils import (
-    EXTERNAL_DATA_FILE,
-    copy_metadata,
-    normalise_external_data,
-    open_session,
-    parity_grid,
-)
-from pipeline.registry import StageContext, stage
-
-
-class ParityConfig(StrictModel):
-    """How the export is proven equal to PyTorch."""
-
-    atol: float = Field(1e-4, gt=0, description="Largest allowed absolute difference of any output.")
-    shapes: list[list[int]] = Field(
-        [[1, 8], [3, 37], [2, 128]],
-        description="[batch, sequence] input shapes compared; at least 3, so dynamic axes are exercised.",
-    )
-
-    @field_validator("shapes")
-    @classmethod
-    def _check_shapes(cls, value: list[list[int]]) -> list[list[int]]:
-        if len(value) < 3:
-            raise ValueError(f"expected at least 3 [batch, seq] shapes, got {len(value)}")
-        for shape in value:
-            if len(shape) != 2 or min(shape) < 1:
-                raise ValueError(f"expected [batch, seq] with positive sizes, got {shape}")
-        return value
-
-
-class ExportConfig(StrictModel):
-    """Recipe section `export`."""
-
-    opset: int = Field(18, ge=11, le=23, description="ONNX opset version.")
-    parity: ParityConfig = Field(default_factory=ParityConfig, description="Parity check vs PyTorch.")
+from pipeline.config.export import ExportConfig
+from pipeline.errors import StageError, first_line
+from pipeline.stages.registry import StageContext, stage
 
 
 @stage("export", config=ExportConfig, consumes="hf", produces="onnx")
@@ -53,73 +26,66 @@ def export(ctx: StageContext) -> dict[str, Any]:
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from pipeline.model_source import random_weights
+    from pipeline.onnx.io import EXTERNAL_DATA_FILE, copy_metadata, model_bytes, save_onnx
+    from pipeline.onnx.parity import parity_grid
+    from pipeline.onnx.session import open_session
+
     config: ExportConfig = ctx.config
-    task = ctx.recipe.model.task
-    if task == "text-generation":  # one model for prompt and decode steps, with a KV cache
-        return _export_decoder(ctx, config)
-    model = load_torch_model(ctx.input_dir, task, ctx.recipe.model.trust_remote_code)
+    task = ctx.task
+    model = task.load_model(ctx.input_dir, trust_remote_code=ctx.model.trust_remote_code, require_head=False)
+    task.check_exportable(model, ctx.input_dir)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="export-") as scratch:
+        try:
+            # The tracer's warnings about Python bools are expected (optimum patches the masks).
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                onnx_export_from_model(
+                    model,
+                    output=scratch,
+                    task=task.optimum_task,
+                    opset=config.opset,
+                    do_validation=False,  # our own parity grid below is stricter and never just warns
+                )
+        except Exception as err:  # optimum raises many types; the message is what matters
+            raise StageError(
+                f"export ({task.optimum_task}) of {ctx.input_dir} failed: {first_line(err)}"
+            ) from None
+        model.eval()  # the legacy exporter restores train mode on the module it exported
+        proto = onnx.load(str(Path(scratch) / "model.onnx"), load_external_data=True)
+    rewrites = task.prepare_export(proto)
+    path = save_onnx(proto, ctx.output_dir)
     copy_metadata(ctx.input_dir, ctx.output_dir)
-    # The same model object is exported and used as the parity reference, so a freshly
-    # initialised head (an encoder without one) is identical on both sides.
-    with torch.no_grad():
-        onnx_export_from_model(
-            model,
-            output=ctx.output_dir,
-            task=TASKS[task][1],
-            opset=config.opset,
-            do_validation=False,  # our own parity grid below is stricter and never just warns
-        )
-    model.eval()  # the legacy exporter restores train mode on the module it exported
-    path = normalise_external_data(ctx.output_dir)
+    export_s = time.perf_counter() - started
+
     session = open_session(path)
-
-    def reference(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        with torch.no_grad():
-            outputs = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-        return [outputs[o.name].numpy() for o in session.get_outputs()]
-
     parity = parity_grid(
-        reference,
+        task.torch_reference(model, session),
         session,
-        config.parity.shapes,
+        task.parity_cases(session, config.parity.shapes, model.config.vocab_size, config.parity.past_lens),
         config.parity.atol,
-        model.config.vocab_size,
         label=f"export parity ({path.name} vs PyTorch)",
     )
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = onnx.load(str(path), load_external_data=False)
     ctx.log.info(
-        "export parity: max |diff| %.2e (atol %g), argmax agreement %.4f on %d shapes",
+        "export parity: max |diff| %.2e (atol %g), argmax agreement %.4f on %d cases",
         parity["max_abs_diff"],
         config.parity.atol,
         parity["argmax_agreement"],
-        len(config.parity.shapes),
+        len(parity["cases"]),
     )
     return {
+        "task": task.optimum_task,
+        "opset": config.opset,
         "parity": parity,
         "inputs": [i.name for i in session.get_inputs()],
         "outputs": [o.name for o in session.get_outputs()],
-        "nodes": len(graph.node),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "model_bytes": sum(f.stat().st_size for f in ctx.output_dir.glob("model.onnx*")),
+        "nodes": len(graph.graph.node),
+        "random_weights": random_weights(ctx.input_dir),
+        **rewrites,
+        **task.export_facts(model, session, graph),
+        "model_bytes": model_bytes(ctx.output_dir),
         "external_data": (ctx.output_dir / EXTERNAL_DATA_FILE).exists(),
+        "export_s": round(export_s, 2),
     }
-
-
-def decoder_parity(config: ExportConfig) -> Any:
-    """The decoder parity grid (prompt lengths and past lengths) from the export parity shapes."""
-    from pipeline.decoder.parity import DecoderParityConfig
-
-    return DecoderParityConfig.from_export_parity(config.parity.atol, config.parity.shapes)
-
-
-def _export_decoder(ctx: StageContext, config: ExportConfig) -> dict[str, Any]:
-    from pipeline.decoder.export import export_decoder
-
-    return export_decoder(
-        ctx.input_dir,
-        ctx.output_dir,
-        config.opset,
-        decoder_parity(config),
-        trust_remote_code=ctx.recipe.model.trust_remote_code,
-        log=ctx.log,
-    )

@@ -2,21 +2,22 @@
 
 The fusion is measured, not assumed: the fused-operator counts go into the manifest beside what a
 full fusion of this model would give (Attention = number of layers), and the stage fails when
-attention fusion falls short (the known breakage after an exporter or transformers change,
-DESIGN.md §7-8). The fused model is then proven equal to its unfused input on the shape grid.
+attention fusion falls short and the recipe requires it (the known breakage after an exporter or
+transformers change, DESIGN.md §7-8). The fused model is then proven equal to its unfused input on
+the task's parity grid. Measured on this stack for decoders (optimum-onnx 0.1.0, transformers
+4.57.6, onnxruntime 1.32.0): GPT-2 fuses FastGelu and SkipLayerNormalization but no attention;
+Llama / Qwen2 fuse RotaryEmbedding and SkipSimplifiedLayerNormalization, no attention either.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from pipeline.config import StrictModel
-from pipeline.errors import InputError, StageError
-from pipeline.registry import StageContext, stage
+from pipeline.config.optimize import OptimizeConfig
+from pipeline.errors import InputError, StageError, first_line
+from pipeline.stages.registry import StageContext, stage
 
 # config.json `model_type` -> onnxruntime.transformers optimizer model type. Only families whose
 # ONNX exports ORT's fusions are known to handle; anything else is an InputError, never a
@@ -30,6 +31,13 @@ MODEL_TYPES: dict[str, str] = {
     "electra": "bert",
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
+    # Llama-style decoders have no model type of their own in ORT 1.32's optimizer; "gpt2" gives
+    # them its generic fusions (RMSNorm, rotary).
+    "llama": "gpt2",
+    "mistral": "gpt2",
+    "qwen2": "gpt2",
+    "qwen3": "qwen3",
+    "phi": "gpt2",
 }
 
 # Encoder families where a full fusion is also one EmbedLayerNorm, 2 SkipLayerNorms and one Gelu
@@ -50,6 +58,7 @@ FUSED_OPS = (
     "FastGelu",
     "Gelu",
     "GemmFastGelu",
+    "RotaryEmbedding",
 )
 ATTENTION_OPS = (
     "Attention",
@@ -58,85 +67,33 @@ ATTENTION_OPS = (
     "PackedAttention",
     "QOrderedAttention",
 )
-GELU_OPS = ("BiasGelu", "FastGelu", "Gelu", "GemmFastGelu")
 
 
-class OptimizeConfig(StrictModel):
-    """Variant step `optimize`: graph fusion with onnxruntime.transformers.optimizer."""
-
-    require_attention_fusion: bool = Field(
-        True, description="Fail when fewer Attention nodes than layers are fused."
-    )
-    model_type: Literal["bert", "gpt2", "gpt_neox"] | None = Field(
-        None,
-        description="ORT optimizer model type; by default derived from config.json `model_type` "
-        "(bert, roberta, xlm-roberta, camembert, distilbert, electra -> bert; gpt2; gpt_neox).",
-    )
-    opt_level: Literal[0, 1, 2, 99] | None = Field(
-        None,
-        description="ONNX Runtime graph optimization level applied before the fusions (None = ORT's "
-        "default for the model type, 1 for BERT). Levels 2 and 99 bake provider-specific ops into "
-        "the file: only use them for the provider you deploy on.",
-    )
-    parity_atol: float | None = Field(
-        None,
-        gt=0,
-        description="Largest allowed |fused - unfused| on the recipe's parity shapes "
-        "(export.parity.shapes). Default 1e-3 for fp32 and 5e-2 with fp16.",
-    )
-    fp16: bool = Field(
-        False,
-        description="GPU-ONLY: convert the fused model to float16 (inputs/outputs stay float32). "
-        "The CPU provider has no fp16 kernels for the fused ops, so the parity check needs a working "
-        "CUDAExecutionProvider; on a CPU-only machine this fails.",
-    )
-    fp16_op_block_list: list[str] | None = Field(
-        None,
-        description="Operator types kept in float32 by the fp16 conversion (None = ORT's default "
-        "block list). Only with fp16.",
-    )
-
-    @model_validator(mode="after")
-    def _block_list_needs_fp16(self) -> OptimizeConfig:
-        if self.fp16_op_block_list is not None and not self.fp16:
-            raise ValueError("fp16_op_block_list only applies with fp16: true")
-        return self
-
-
-@stage("optimize", config=OptimizeConfig, consumes="onnx", produces="onnx")
+@stage("optimize", config=OptimizeConfig, consumes="onnx", produces="onnx", sections=("export.parity",))
 def optimize(ctx: StageContext) -> dict[str, Any]:
     """Fuse the graph with ONNX Runtime's transformer optimizer."""
+    import contextlib
+    import io
+    import logging
+
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from pipeline.onnx_utils import (
+    from pipeline.onnx.io import (
         EXTERNAL_DATA_FILE,
         copy_metadata,
+        count_ops,
+        model_bytes,
         model_file,
-        open_session,
-        parity_grid,
         save_onnx,
     )
+    from pipeline.onnx.parity import parity_grid, session_reference
+    from pipeline.onnx.session import CPU, open_session
 
     config: OptimizeConfig = ctx.config
-    if ctx.recipe.model.task == "text-generation":
-        from pipeline.decoder.fusion import optimize_decoder
-        from pipeline.stages.export import decoder_parity
-
-        if config.fp16:
-            raise InputError("optimize.fp16: not supported for text-generation models")
-        return optimize_decoder(
-            ctx.input_dir,
-            ctx.output_dir,
-            config.model_type,
-            config.opt_level,
-            require_attention_fusion=config.require_attention_fusion,
-            parity=decoder_parity(ctx.recipe.export),
-            atol=config.parity_atol or 1e-3,
-        )
     source = model_file(ctx.input_dir)
     arch = read_architecture(ctx.input_dir, config.model_type)
-    providers = _fp16_providers(ctx) if config.fp16 else ["CPUExecutionProvider"]
-
+    provider = _fp16_provider() if config.fp16 else CPU
+    opt_level = config.opt_level if config.opt_level is not None else ctx.task.fusion_opt_level
     ctx.log.info(
         "optimize: model_type=%s (ORT %s), heads=%s, hidden=%s, layers=%s",
         arch["model_type"],
@@ -145,25 +102,39 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         arch["hidden_size"],
         arch["num_layers"],
     )
+    ort_logger = logging.getLogger("onnxruntime.transformers")
+    level = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)
     try:
-        optimizer = optimize_model(
-            str(source),
-            model_type=arch["ort_model_type"],
-            num_heads=arch["num_heads"],
-            hidden_size=arch["hidden_size"],
-            opt_level=config.opt_level,
-            use_gpu=config.fp16,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimizer = optimize_model(
+                str(source),
+                model_type=arch["ort_model_type"],
+                num_heads=arch["num_heads"],
+                hidden_size=arch["hidden_size"],
+                opt_level=opt_level,
+                use_gpu=config.fp16,
+            )
     except Exception as err:  # ORT's optimizer raises bare asserts/ValueErrors on odd graphs
         raise StageError(
-            f"optimize: ONNX Runtime's optimizer failed on {source}: {_first_line(err)}"
+            f"optimize: ONNX Runtime's optimizer failed on {source}: {first_line(err)}"
         ) from None
+    finally:
+        ort_logger.setLevel(level)
 
     ort_stats = {k: int(v) for k, v in optimizer.get_fused_operator_statistics().items()}
     fused = count_ops(optimizer.model, FUSED_OPS)
     attention = sum(count_ops(optimizer.model, ATTENTION_OPS).values())
     expected = expected_fusion(arch)
-    if attention < expected["Attention"] and config.require_attention_fusion:
+    verdict = "full" if attention >= expected["Attention"] else ("partial" if attention else "not available")
+    note = (
+        None
+        if verdict == "full"
+        else f"ONNX Runtime fused {attention} attention node(s) for {expected['Attention']} layers of this "
+        f"{arch['model_type']} export (model type {arch['ort_model_type']}): attention fusion "
+        + ("is partial" if attention else "is not available for this architecture/exporter")
+    )
+    if verdict != "full" and config.require_attention_fusion:
         raise StageError(
             f"optimize: attention fusion fell short: {attention} fused attention nodes, expected "
             f"{expected['Attention']} (one per layer) for {arch['model_type']} from {source}; the export "
@@ -173,7 +144,6 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
     fully_optimized = (
         bool(optimizer.is_fully_optimized()) if hasattr(optimizer, "is_fully_optimized") else None
     )
-
     if config.fp16:
         kwargs: dict[str, Any] = {"keep_io_types": True}
         if config.fp16_op_block_list is not None:
@@ -184,17 +154,15 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
     copy_metadata(ctx.input_dir, ctx.output_dir)
 
     atol = config.parity_atol or (5e-2 if config.fp16 else 1e-3)
-    reference = open_session(source)
-    ref_outputs = [o.name for o in reference.get_outputs()]
-    session = open_session(target, providers=providers)
+    session = open_session(target, provider)
     if config.fp16 and session.get_providers()[0] != "CUDAExecutionProvider":
         raise StageError(f"optimize.fp16: the fp16 model runs on {session.get_providers()[0]}, not CUDA")
-    parity = parity_grid(
-        lambda feeds: reference.run(ref_outputs, feeds),
+    parity = ctx.sections["export.parity"]
+    parity_metrics = parity_grid(
+        session_reference(open_session(source)),
         session,
-        ctx.recipe.export.parity.shapes,
+        ctx.task.parity_cases(session, parity.shapes, arch["vocab_size"], parity.past_lens),
         atol,
-        arch["vocab_size"],
         label=f"fused model {target}",
     )
     return {
@@ -203,16 +171,18 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         "num_heads": arch["num_heads"],
         "hidden_size": arch["hidden_size"],
         "num_layers": arch["num_layers"],
-        "opt_level": config.opt_level,
+        "opt_level": opt_level,
         "fp16": config.fp16,
         "fused_ops": fused,
         "ort_fused_operator_statistics": ort_stats,
         "attention_fused": attention,
         "expected_fusion": expected,
         "attention_fusion_complete": attention >= expected["Attention"],
+        "attention_fusion": verdict,
+        "note": note,
         "fully_optimized": fully_optimized,
-        "parity": parity,
-        "size_bytes": model_size(ctx.output_dir),
+        "parity": parity_metrics,
+        "size_bytes": model_bytes(ctx.output_dir),
         "external_data": (ctx.output_dir / EXTERNAL_DATA_FILE).exists(),
     }
 
@@ -231,7 +201,7 @@ def read_architecture(folder: Path, override: str | None = None) -> dict[str, An
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable JSON config: {_first_line(err)}") from None
+        raise InputError(f"{path}: not a readable JSON config: {first_line(err)}") from None
     model_type = raw.get("model_type")
     if override is None and model_type not in MODEL_TYPES:
         raise InputError(
@@ -245,7 +215,7 @@ def read_architecture(folder: Path, override: str | None = None) -> dict[str, An
     try:
         hf_config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"{path}: transformers cannot read this config: {_first_line(err)}") from None
+        raise InputError(f"{path}: transformers cannot read this config: {first_line(err)}") from None
     heads = getattr(hf_config, "num_attention_heads", None)
     hidden = getattr(hf_config, "hidden_size", None)
     layers = getattr(hf_config, "num_hidden_layers", None)
@@ -295,21 +265,7 @@ def expected_fusion(arch: dict[str, Any]) -> dict[str, int]:
     return expected
 
 
-def count_ops(model: Any, op_types: tuple[str, ...]) -> dict[str, int]:
-    """Node counts of `op_types` in an onnx ModelProto (main graph)."""
-    counts = dict.fromkeys(op_types, 0)
-    for node in model.graph.node:
-        if node.op_type in counts:
-            counts[node.op_type] += 1
-    return counts
-
-
-def model_size(folder: Path) -> int:
-    """Bytes of model.onnx plus its external data files."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))
-
-
-def _fp16_providers(ctx: StageContext) -> list[str]:
+def _fp16_provider() -> str:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -317,9 +273,4 @@ def _fp16_providers(ctx: StageContext) -> list[str]:
             "optimize.fp16: fp16 is GPU-only and this ONNX Runtime has no CUDAExecutionProvider "
             "(install onnxruntime-gpu on a machine with a GPU, or drop fp16)"
         )
-    return ["CUDAExecutionProvider"]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return "CUDAExecutionProvider"

@@ -1,17 +1,17 @@
-"""The task interface: load a model, encode examples, decode outputs, score predictions.
+"""The task interface: everything that differs between tasks, behind one set of methods.
 
-Decoding and scoring work on numpy arrays, so the same code scores PyTorch and ONNX Runtime:
+A stage never branches on the task name; it asks the task (see `Task`):
+- model: `load_model` (the head for the task), `optimum_task` (what the exporter is asked for);
+- I/O adapter: `parity_cases` (feeds and the positions that count, for the one parity grid in
+  pipeline.onnx.parity), `torch_reference`, `timing_calls` (what one timed run is: a forward for
+  encoders, a prefill and a decode step for decoders) and `latency_stats`;
+- quantization policy: `quantization_policy` (default op types, nodes kept in float, graph
+  preparation) and the fidelity floors a lossy step is held to;
+- validation: `scorer` (the task metric on real data, agreement with PyTorch), `metrics` and which
+  are lower-is-better, the headline metric;
+- release: `release_snippet` (an onnxruntime-only inference example).
 
-    task = get_task("token-classification")
-    tokenizer = load_tokenizer(folder)
-    encoded = task.encode(tokenizer, examples, max_length=64)
-    outputs = [run(batch) for batch in encoded.batches(32)]     # run: dict[str, ndarray] -> ndarray
-    predictions = task.predict(outputs, encoded, id2label_of(folder))
-    metrics = task.score(predictions, examples)                 # {"f1": ..., ...}
-    # or: predictions = task.run(task.torch_forward(model), encoded, 32, id2label)
-
-`outputs` is one array per batch, in `encoded.batches(batch_size)` order: logits for the
-classification tasks, the last hidden state for feature-extraction.
+Decoding and scoring work on numpy arrays, so the same code scores PyTorch and ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.config.model import TRAINABLE_TASKS
+from pipeline.errors import InputError, first_line
 
 if TYPE_CHECKING:
     import torch
+
+    from pipeline.onnx.parity import ParityCase, Reference
 
 Forward = Callable[[dict[str, np.ndarray]], np.ndarray]
 IGNORE_INDEX = -100
@@ -79,15 +82,14 @@ class Encoded:
             yield self.batch(range(start, min(start + batch_size, len(self))), with_labels=with_labels)
 
 
-def load_tokenizer(folder: str | Path):
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
     """AutoTokenizer for a checkpoint (or ONNX) folder; InputError when there is none."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{folder}: cannot load a tokenizer ({first[:200]})") from None
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise InputError(f"{folder}: cannot load a tokenizer ({first_line(err)[:200]})") from None
 
 
 def id2label_of(folder_or_config: Any) -> list[str]:
@@ -106,30 +108,78 @@ def id2label_of(folder_or_config: Any) -> list[str]:
     return [mapping[k] for k in sorted(mapping, key=int)]
 
 
-def _labels_list(id2label: Any) -> list[str]:
+def labels_list(id2label: Any) -> list[str]:
     if isinstance(id2label, dict):
         return [id2label[k] for k in sorted(id2label, key=int)]
     return list(id2label)
 
 
+@dataclass
+class QuantPolicy:
+    """What a task asks of quantization: default op types per mode, nodes kept in float, and the
+    floors a quantized model's parity outputs must meet (None: not checked)."""
+
+    op_types: dict[str, list[str] | None] = field(default_factory=dict)  # mode -> op types
+    keep_float: list[str] = field(default_factory=list)  # node names never quantized
+    notes: dict[str, Any] = field(default_factory=dict)  # what was decided and why (manifest)
+    min_argmax_agreement: float | None = None
+    min_cosine_mean: float | None = None
+    # Graph surgery on the loaded model (weights included) before quantizing; returns whether it
+    # changed anything.
+    prepare: Callable[[Any], bool] | None = None
+
+
+@dataclass
+class Scored:
+    """One candidate's accuracy on the eval split."""
+
+    metrics: dict[str, float]
+    agreement: float | None = None  # with the PyTorch baseline's predictions
+    report: str = ""  # per-label text report (classification tasks)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Task:
-    """Base class; one subclass per supported task."""
+    """Base class; one subclass per task (pipeline.tasks.get_task)."""
 
     name: str = ""
-    metric_name: str = ""  # the headline metric in score() (higher is better)
-    head_suffix: str | None = None  # e.g. "ForTokenClassification"
+    optimum_task: str = ""  # the optimum exporter task
     auto_class: str = "AutoModel"
-    trainable: bool = True
+    head_suffix: str | None = None  # e.g. "ForTokenClassification": the checkpoint's head
+    metrics: tuple[str, ...] = ()  # what the scorer computes; the first is the default headline
+    lower_is_better: tuple[str, ...] = ()
+    scorable = True  # validate can score it on labelled data
+    fusion_opt_level: int | None = None  # ORT optimizer opt_level when the recipe gives none
+
+    @property
+    def trainable(self) -> bool:
+        return self.name in TRAINABLE_TASKS
+
+    @property
+    def metric_name(self) -> str:
+        """The headline metric of training and validation."""
+        return self.metrics[0]
 
     # -- model -------------------------------------------------------------------------------------
 
-    def load_model(self, folder: str | Path, labels: Sequence[str] | None = None) -> torch.nn.Module:
-        """The torch model in eval mode. With `labels`, a missing (or differently labelled) head is
-        created for them (fine-tuning); without, the checkpoint must already have the task head."""
+    def load_model(
+        self,
+        folder: str | Path,
+        labels: Sequence[str] | None = None,
+        *,
+        trust_remote_code: bool = False,
+        require_head: bool = True,
+    ) -> torch.nn.Module:
+        """The torch model in eval mode, weights from safetensors where there are some.
+
+        With `labels`, a missing (or differently labelled) head is created for them (fine-tuning);
+        without, the checkpoint must already have the task head unless `require_head` is False
+        (the exporter then exports a freshly initialised one, identical on both sides of parity).
+        """
         import transformers
 
         folder = Path(folder)
-        config = self._config(folder)
+        config = self._config(folder, trust_remote_code)
         cls = getattr(transformers, self.auto_class)
         archs = list(getattr(config, "architectures", None) or [])
         kwargs: dict[str, Any] = {}
@@ -137,7 +187,7 @@ class Task:
             has_head = any(a.endswith(self.head_suffix) for a in archs)
             current = set((getattr(config, "id2label", None) or {}).values())
             if labels is None:
-                if not has_head:
+                if not has_head and require_head:
                     raise InputError(
                         f"{folder}: model ({', '.join(archs) or 'unknown architecture'}) has no {self.name} "
                         "head; fine-tune it first (recipe section finetune)"
@@ -151,30 +201,105 @@ class Task:
                     "ignore_mismatched_sizes": has_head,
                 }
         try:
-            model = cls.from_pretrained(str(folder), **kwargs)
-        except (OSError, ValueError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"{folder}: cannot load the model ({first[:200]})") from None
+            model = cls.from_pretrained(
+                str(folder),
+                use_safetensors=any(folder.glob("*.safetensors")) or None,
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise InputError(
+                f"{folder}: cannot load the model for {self.name} ({first_line(err)[:200]})"
+            ) from None
         return model.eval()
 
     @staticmethod
-    def _config(folder: Path):
+    def _config(folder: Path, trust_remote_code: bool = False) -> Any:
         from transformers import AutoConfig
 
         if not (folder / "config.json").is_file():
             raise InputError(f"{folder}: not a Hugging Face checkpoint (no config.json)")
         try:
-            return AutoConfig.from_pretrained(str(folder))
-        except (OSError, ValueError) as err:
-            raise InputError(
-                f"{folder}/config.json: cannot read ({str(err).splitlines()[0][:200]})"
-            ) from None
+            return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as err:
+            raise InputError(f"{folder}/config.json: cannot read ({first_line(err)[:200]})") from None
 
-    # -- encode / run ------------------------------------------------------------------------------
+    def check_exportable(self, model: Any, folder: Path) -> None:
+        """InputError when `model` cannot be exported for this task (e.g. a decoder without LM head)."""
 
-    def encode(
-        self, tokenizer, examples: Sequence, max_length: int, label2id: dict[str, int] | None = None
-    ) -> Encoded:
+    # -- export: I/O adapter -----------------------------------------------------------------------
+
+    def prepare_export(self, proto: Any) -> dict[str, Any]:
+        """Rewrite the freshly exported graph in place before it is saved; returns what was done."""
+        return {}
+
+    def parity_cases(
+        self,
+        session: Any,
+        shapes: Sequence[Sequence[int]],
+        vocab_size: int,
+        past_lens: Sequence[int] | None = None,
+    ) -> list[ParityCase]:
+        """The parity grid's cases for `session` at the recipe's [batch, seq] shapes (decoders also
+        check a decode step after each of `past_lens`)."""
+        raise NotImplementedError
+
+    def torch_reference(self, model: Any, session: Any) -> Reference:
+        """{output name: array} of the torch model for a parity case's feeds."""
+        raise NotImplementedError
+
+    def export_facts(self, model: Any, session: Any, graph: Any) -> dict[str, Any]:
+        """Task-specific facts of the export for its manifest."""
+        return {}
+
+    # -- quantization policy -----------------------------------------------------------------------
+
+    def quantization_policy(self, proto: Any, config: Any = None) -> QuantPolicy:
+        """Defaults for quantizing `proto` (an onnx ModelProto, weights not needed) with `config`
+        (the quantize step's QuantizeConfig)."""
+        return QuantPolicy()
+
+    # -- speed -------------------------------------------------------------------------------------
+
+    def timing_calls(
+        self, runner: Any, batch: int, seq: int, vocab_size: int
+    ) -> dict[str, Callable[[], Any]]:
+        """One timed run per call name ("" = the forward) of a torch model or an ONNX session."""
+        raise NotImplementedError
+
+    def timing_batches(self, batch_sizes: Sequence[int]) -> list[int]:
+        """The batch sizes this task is timed at."""
+        return list(batch_sizes)
+
+    def latency_entry(self, stats: dict[str, dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
+        """The report's latency entry at one shape from each timed call's summary statistics
+        (pipeline.bench.summarize): p50/p90/p99 ms and throughput of the primary call."""
+        return stats[""]
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def metric_drop(self, metric: str, baseline: float | None, variant: float | None) -> float | None:
+        """Quality lost vs the baseline in the metric's units: positive = worse, whatever its direction."""
+        if baseline is None or variant is None:
+            return None
+        drop = variant - baseline if metric in self.lower_is_better else baseline - variant
+        return round(float(drop), 6)
+
+    def headline_metric(self, configured: str | None, examples: Sequence[Any]) -> str:
+        """validate.metric, else the task's default."""
+        return configured or self.metric_name
+
+    def scorer(self, checkpoint: Path, examples: Sequence[Any], **settings: Any) -> Any:
+        """The object that scores the PyTorch baseline and each ONNX variant on `examples`."""
+        raise NotImplementedError
+
+    def release_snippet(self) -> str:
+        """Python lines that run the released model with onnxruntime + tokenizers only."""
+        return ""
+
+    # -- training (trainable tasks) ----------------------------------------------------------------
+
+    def encode(self, tokenizer, examples: Sequence, max_length: int, label2id: dict[str, int] | None = None):
         raise NotImplementedError
 
     def _require(self, examples: Sequence, kind: type, what: str) -> None:
@@ -210,14 +335,12 @@ class Task:
         outputs = [forward(batch) for batch in encoded.batches(batch_size)]
         return self.predict(outputs, encoded, id2label)
 
-    # -- decode / score ----------------------------------------------------------------------------
-
     def check_labels(self, id2label: Any, examples: Sequence, where: str = "eval data") -> None:
         """InputError when the examples carry labels the model's head does not know (e.g. 'negative'
         vs 'NEGATIVE'): scoring would silently count them all wrong."""
         if self.head_suffix is None:
             return
-        known = set(_labels_list(id2label))
+        known = set(labels_list(id2label))
         found: set[str] = set()
         for example in examples:
             found.update(getattr(example, "tags", ()) or ())
@@ -240,8 +363,6 @@ class Task:
     def report(self, predictions: Any, examples: Sequence) -> str:
         """Human-readable per-label report (text)."""
         return ""
-
-    # -- training ----------------------------------------------------------------------------------
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F

@@ -1,0 +1,81 @@
+"""Recipe section `validate`: accuracy on the eval split and interleaved latency vs PyTorch."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from pipeline.config.base import StrictModel, check_provider_names
+
+CPU = "CPUExecutionProvider"
+
+
+class LatencyConfig(StrictModel):
+    """How latency is measured (same process, interleaved, fixed threads)."""
+
+    batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes to time.")
+    seq_lens: list[int] = Field([64], min_length=1, description="Sequence lengths to time.")
+    warmup: int = Field(
+        5, ge=0, description="Untimed runs of each candidate before timing (interleaved too)."
+    )
+    iters: int = Field(60, ge=1, description="Timed runs per candidate and shape (in turns of `block` runs).")
+    threads: int = Field(2, ge=1, description="Intra-op threads for PyTorch and ONNX Runtime.")
+    block: int = Field(
+        20,
+        ge=1,
+        description="Consecutive timed runs of one candidate per turn of the round robin. Strict "
+        "alternation (1) lets one runtime's still-spinning thread pool slow the next candidate: "
+        "measured here, it made PyTorch eager 3x slower at batch 1 and inflated every speed-up.",
+    )
+    settle: int = Field(
+        2,
+        ge=0,
+        description="Untimed runs that open every turn, absorbing the hand-over from the previous "
+        "candidate's threads.",
+    )
+
+    @field_validator("batch_sizes", "seq_lens")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"expected positive sizes, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"expected distinct sizes, got {value}")
+        return value
+
+
+class ValidateConfig(StrictModel):
+    """Recipe section `validate`."""
+
+    metric: str | None = Field(
+        None,
+        description="Headline metric (gates, release pick, chart). Default per task: f1 (entity-level, "
+        "seqeval) for token-classification, accuracy for text-classification, probe_accuracy for "
+        "feature-extraction (cosine_mean to the PyTorch embeddings when the eval data has no labels).",
+    )
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="Speed measurement.")
+    providers: list[str] = Field(
+        [CPU],
+        description="ONNX Runtime execution providers to validate. CPUExecutionProvider is always "
+        "validated (added when missing); others (CUDAExecutionProvider, TensorrtExecutionProvider) "
+        "when present on the machine, else reported as not available.",
+    )
+    allow_provider_fallback: bool = Field(
+        False,
+        description="Accept a session that asked for a GPU provider but runs on CPU (reported, no "
+        "numbers). Off: such a silent fallback fails the run.",
+    )
+    eval_batch_size: int = Field(32, ge=1, description="Batch size for the accuracy evaluation.")
+    max_eval_examples: int | None = Field(
+        None, ge=1, description="Evaluate on the first N eval examples only (reduced runs)."
+    )
+    measure_memory: bool = Field(
+        True,
+        description="Record the peak RSS of loading each candidate and one inference at the largest shape.",
+    )
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: list[str]) -> list[str]:
+        check_provider_names(value)
+        ordered = list(dict.fromkeys(value))
+        return ordered if CPU in ordered else [CPU, *ordered]

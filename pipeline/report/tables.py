@@ -1,0 +1,135 @@
+"""The report's tables as rows of text cells: one source for report.md and report.html."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def mb(value: Any) -> str:
+    return "-" if value is None else f"{value / 1e6:.1f} MB"
+
+
+def latency_keys(report: dict[str, Any]) -> list[str]:
+    return list(report["baseline"].get("latency") or {})
+
+
+def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The main table: one row per candidate (PyTorch first), shared by markdown and HTML."""
+    keys = latency_keys(report)
+    metric = report.get("metric_name", "metric")
+    header = [
+        "variant",
+        metric,
+        "drop vs fp32",
+        "agreement",
+        *[f"p50 ms {k}" for k in keys],
+        *[f"speed-up {k}" for k in keys],
+        "size",
+        "peak RSS",
+        "gates",
+    ]
+    released = (report.get("release") or {}).get("variant")
+    base = report["baseline"]
+    rows = [
+        [
+            "PyTorch eager fp32 (baseline)",
+            num(base.get("metric")),
+            "-",
+            "-",
+            *[num((base["latency"].get(k) or {}).get("p50_ms"), 2) for k in keys],
+            *["1.00x" for _ in keys],
+            mb(base.get("size_bytes")),
+            mb(base.get("peak_rss_bytes")),
+            "-",
+        ]
+    ]
+    for name, variant in report["variants"].items():
+        checks = {
+            n.split("/", 1)[1]: g for n, g in report.get("gates", {}).items() if n.split("/", 1)[0] == name
+        }
+        failed = [check for check, g in checks.items() if not g["passed"]]
+        gates = "-" if not checks else ("pass" if not failed else "FAIL: " + ", ".join(failed))
+        speed = variant.get("speedup_vs_pytorch") or {}
+        rows.append(
+            [
+                name + (" (released)" if name == released else ""),
+                num(variant.get("metric")),
+                num(variant.get("metric_drop")),
+                num(variant.get("agreement")),
+                *[num((variant["latency"].get(k) or {}).get("p50_ms"), 2) for k in keys],
+                *[("-" if speed.get(k) is None else f"{speed[k]:.2f}x") for k in keys],
+                mb(variant.get("size_bytes")),
+                mb(variant.get("peak_rss_bytes")),
+                gates,
+            ]
+        )
+    return header, rows
+
+
+def latency_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["candidate", "provider", "shape", "p50 ms", "p90 ms", "p99 ms", "throughput /s"]
+    rows = []
+
+    def add(name: str, provider: str, latency: dict[str, Any]) -> None:
+        for key, stats in latency.items():
+            rows.append(
+                [
+                    name,
+                    provider,
+                    key,
+                    num(stats.get("p50_ms"), 3),
+                    num(stats.get("p90_ms"), 3),
+                    num(stats.get("p99_ms"), 3),
+                    num(stats.get("throughput_per_s"), 1),
+                ]
+            )
+
+    add("pytorch", "torch CPU", report["baseline"].get("latency") or {})
+    for name, variant in report["variants"].items():
+        for provider, entry in (variant.get("providers") or {}).items():
+            if entry.get("latency"):
+                add(name, provider, entry["latency"])
+    return header, rows
+
+
+def provider_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for provider, status in (report.get("providers") or {}).items():
+        short = provider.removesuffix("ExecutionProvider") or provider
+        lines.append(f"{short}: {status}")
+    return lines
+
+
+def gate_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [
+            name,
+            "pass" if g["passed"] else "FAIL",
+            num(g.get("value")),
+            num(g.get("limit")),
+            g.get("detail", ""),
+        ]
+        for name, g in (report.get("gates") or {}).items()
+    ]
+    return ["check", "result", "value", "limit", "detail"], rows
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    machine = report.get("machine") or {}
+    flags = [k for k, v in (machine.get("flags") or {}).items() if v]
+    settings = report.get("settings", {})
+    lat = settings.get("latency", {})
+    return (
+        f"{machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores; "
+        f"{', '.join(flags) or 'no INT8 flags'}), "
+        f"onnxruntime {machine.get('ort_version', '?')}; {lat.get('threads', '?')} thread(s), "
+        f"warm-up {lat.get('warmup', '?')}, {lat.get('iters', '?')} timed runs per shape, interleaved"
+    )

@@ -1,0 +1,146 @@
+"""Text generation (causal LMs), a Task like the others: KV-cache export, perplexity, tokens/s.
+
+One model.onnx serves the prompt and every decode step (optimum's text-generation-with-past
+layout, see io.py). What this task supplies to the shared stages:
+- export: the LM head is required; Gemm linear layers are rewritten as MatMul (graph.py) so the
+  INT8 and INT4 quantizers reach them; parity covers prompts and decode steps (adapter.py);
+- quantization policy: the LM head (largest decode-time MatMul; tied to the embedding in most
+  small models) and the token embedding stay fp32 unless the recipe asks (quantize_lm_head,
+  quantize_embedding): measured on tiny trained models, quantizing the head cost the most quality
+  (INT4 RTN b32 perplexity +0.38% vs +0.04% with the head fp32) and made tied models bigger;
+- timing: a prefill of seq tokens and one decode step after a past of seq tokens, batch 1;
+- validation: perplexity on held-out text and greedy agreement with PyTorch (scorer.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, StageError
+from pipeline.tasks.base import QuantPolicy, Task
+
+RELEASE_SNIPPET = """
+encoding = tokenizer.encode("The company said that")
+ids = np.array([encoding.ids], dtype=np.int64)
+inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+          "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+for value in session.get_inputs():  # an empty KV cache: [batch, heads, 0, head_dim]
+    if value.name.startswith("past_key_values"):
+        shape = [1] + [d if isinstance(d, int) else 0 for d in value.shape[1:]]
+        inputs[value.name] = np.zeros(shape, dtype=dtypes[value.name])
+logits = session.run(None, {name: inputs[name] for name in dtypes})[0]
+print(tokenizer.decode([int(logits[0, -1].argmax())]))  # the greedy next token
+"""
+_REPORTED_OPS = ("MatMul", "Gemm", "Gather", "Softmax", "LayerNormalization", "Transpose")
+
+
+class TextGeneration(Task):
+    """Causal language modelling; headline metric perplexity (lower is better)."""
+
+    name = "text-generation"
+    optimum_task = "text-generation-with-past"
+    auto_class = "AutoModelForCausalLM"
+    metrics = ("perplexity", "token_agreement")
+    lower_is_better = ("perplexity",)
+    fusion_opt_level = 0  # ORT's own graph optimizations stay at session time for decoders
+
+    def check_exportable(self, model: Any, folder: Path) -> None:
+        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+            raise InputError(f"{folder}: the model has no language-model head (not a causal LM)")
+
+    def prepare_export(self, proto: Any) -> dict[str, Any]:
+        from pipeline.tasks.text_generation.graph import gemm_to_matmul
+
+        return {"gemm_rewritten_as_matmul": gemm_to_matmul(proto)}
+
+    def parity_cases(self, session: Any, shapes: Sequence[Sequence[int]], vocab_size: int, past_lens=None):
+        from pipeline.tasks.text_generation.adapter import parity_cases
+
+        return parity_cases(session, shapes, vocab_size, past_lens)
+
+    def torch_reference(self, model: Any, session: Any) -> Any:
+        from pipeline.tasks.text_generation.adapter import torch_reference
+
+        return torch_reference(model, session)
+
+    def export_facts(self, model: Any, session: Any, graph: Any) -> dict[str, Any]:
+        from pipeline.tasks.text_generation.graph import lm_head_is_tied, op_counts
+        from pipeline.tasks.text_generation.io import DecoderIO
+
+        io = DecoderIO.from_session(session)
+        return {
+            "model_type": model.config.model_type,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "layers": io.layers,
+            "kv_heads": io.kv_heads,
+            "head_dim": io.head_dim,
+            "lm_head_tied": lm_head_is_tied(graph),
+            "op_counts": {k: v for k, v in sorted(op_counts(graph).items()) if k in _REPORTED_OPS},
+        }
+
+    def quantization_policy(self, proto: Any, config: Any = None) -> QuantPolicy:
+        """LM head and embedding per `config` (quantize_lm_head / quantize_embedding, both off by
+        default); INT8 and INT4 quantize MatMuls only. The parity grid feeds random pasts, so no
+        argmax floor: decoder quality is judged by perplexity and greedy agreement in validation."""
+        from pipeline.tasks.text_generation.graph import embedding_node, lm_head_is_tied, lm_head_node
+
+        quantize_head = bool(getattr(config, "quantize_lm_head", False))
+        quantize_embedding = bool(getattr(config, "quantize_embedding", False))
+        head, embedding, tied = lm_head_node(proto), embedding_node(proto), lm_head_is_tied(proto)
+        if quantize_head and head is None:
+            raise StageError(
+                "quantize.quantize_lm_head: no LM head MatMul producing the logits in this graph"
+            )
+        op_types = ["MatMul", "Gather"] if quantize_embedding else ["MatMul"]
+        policy = QuantPolicy(
+            op_types={"dynamic": op_types, "weight_only_int4": op_types},
+            keep_float=[head.name] if head is not None and head.name and not quantize_head else [],
+            notes={
+                "lm_head": {
+                    "node": head.name if head is not None else None,
+                    "tied_in_export": tied,
+                    "quantized": quantize_head,
+                    "untied_for_quantization": quantize_head and tied,
+                },
+                "embedding": {
+                    "node": embedding.name if embedding is not None else None,
+                    "quantized": quantize_embedding,
+                },
+            },
+        )
+        if quantize_head and tied:
+            # A tied head is MatMul(h, Transpose(E)), which no quantizer touches: materialise E^T.
+            from pipeline.tasks.text_generation.graph import untie_lm_head
+
+            policy.prepare = untie_lm_head
+        return policy
+
+    def timing_batches(self, batch_sizes: Sequence[int]) -> list[int]:
+        return [1]  # per-token decode latency; batching is the server's business
+
+    def timing_calls(
+        self, runner: Any, batch: int, seq: int, vocab_size: int
+    ) -> dict[str, Callable[[], Any]]:
+        from pipeline.tasks.text_generation.adapter import timing_calls
+
+        return timing_calls(runner, batch, seq, vocab_size)
+
+    def latency_entry(self, stats: dict[str, dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
+        decode, prefill = stats["decode"], stats["prefill"]
+        return {
+            **decode,
+            "throughput_per_s": round(1e3 / decode["p50_ms"], 3) if decode["p50_ms"] else None,
+            "prefill_ms_p50": prefill["p50_ms"],
+            "prefill_ms_p90": prefill["p90_ms"],
+            "prompt_tokens_per_s": round(seq * 1e3 / prefill["p50_ms"], 3) if prefill["p50_ms"] else None,
+        }
+
+    def scorer(self, checkpoint: Path, examples: Sequence[Any], **settings: Any) -> Any:
+        from pipeline.tasks.text_generation.scorer import DecoderScorer
+
+        return DecoderScorer(self, checkpoint, examples, **settings)
+
+    def release_snippet(self) -> str:
+        return RELEASE_SNIPPET
