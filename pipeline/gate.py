@@ -2,8 +2,10 @@
 
     python -m pipeline gate RECIPE [--baseline OLD_REPORT.json] [--junit FILE.xml]
 
-prints one line per check and exits 0 when all pass, 3 when any fails, 2 when the report or the
-baseline is missing or malformed (or is for another recipe).
+prints one line per check and exits 0 when all pass, 3 when any fails, 4 when none fails but some
+cannot be decided (inconclusive: a speed-up's confidence interval straddles its limit, or the
+timing was interfered with by other work on the machine), 2 when the report or the baseline is
+missing or malformed (or is for another recipe).
 
 The checks are recomputed from the raw figures in `exported/<recipe>/report.json` with the
 recipe's *current* `gates` section, so tightening a limit needs no re-run. Which variants are gated
@@ -21,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.stats import verdict
 from pipeline.config import GatesConfig, Recipe
 from pipeline.errors import InputError
 
-EXIT_PASS, EXIT_FAIL = 0, 3
+EXIT_PASS, EXIT_FAIL, EXIT_INCONCLUSIVE = 0, 3, 4
 
 
 @dataclass
@@ -38,13 +41,20 @@ class GateResult:
     limit: Any = None
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Neither proven nor refuted: a speed interval straddles its limit or the timing was interfered
+    # with. Not a pass (nothing unproven is released), not a failure (exit 4, a JUnit error).
+    inconclusive: bool = False
 
     @property
     def name(self) -> str:
         return f"{self.variant}/{self.check}"
 
+    @property
+    def status(self) -> str:
+        return "pass" if self.passed else ("inconclusive" if self.inconclusive else "fail")
+
     def line(self) -> str:
-        status = "PASS" if self.passed else "FAIL"
+        status = self.status.upper()
         text = f"{status} {self.name}: {_fmt(self.value)}"
         if self.limit is not None:
             text += f" (limit {_fmt(self.limit)})"
@@ -53,7 +63,13 @@ class GateResult:
         return text
 
     def as_report(self) -> dict[str, Any]:
-        return {"passed": self.passed, "value": self.value, "limit": self.limit, "detail": self.detail}
+        return {
+            "passed": self.passed,
+            "status": self.status,
+            "value": self.value,
+            "limit": self.limit,
+            "detail": self.detail,
+        }
 
 
 def _fmt(value: Any) -> str:
@@ -87,33 +103,7 @@ def evaluate_variant(gates: GatesConfig, report: dict[str, Any], name: str) -> l
             )
         )
     if gates.min_speedup_vs_pytorch is not None:
-        ratios = variant.get("speedup_vs_pytorch") or {}
-        keys = gates.speedup_at or sorted(ratios)
-        missing = [k for k in keys if k not in ratios]
-        if missing or not keys:
-            results.append(
-                GateResult(
-                    name,
-                    "min_speedup_vs_pytorch",
-                    False,
-                    None,
-                    gates.min_speedup_vs_pytorch,
-                    f"no speed-up measured at {', '.join(missing) or 'any shape'} "
-                    f"(measured: {', '.join(sorted(ratios)) or 'none'})",
-                )
-            )
-        else:
-            worst = min(keys, key=lambda k: ratios[k])
-            results.append(
-                GateResult(
-                    name,
-                    "min_speedup_vs_pytorch",
-                    ratios[worst] >= gates.min_speedup_vs_pytorch,
-                    ratios[worst],
-                    gates.min_speedup_vs_pytorch,
-                    "worst at " + worst + "; " + ", ".join(f"{k} {ratios[k]:.2f}x" for k in keys),
-                )
-            )
+        results.append(_speedup_check(gates, report, name, variant))
     if gates.max_model_bytes is not None:
         size = variant.get("size_bytes")
         results.append(
@@ -161,6 +151,59 @@ def evaluate_variant(gates: GatesConfig, report: dict[str, Any], name: str) -> l
             )
         )
     return results
+
+
+def _interfered(report: dict[str, Any], key: str) -> list[str]:
+    quality = ((report.get("settings") or {}).get("timing_quality") or {}).get(key) or {}
+    return list(quality.get("reasons") or []) if quality.get("interfered") else []
+
+
+def _speedup_check(
+    gates: GatesConfig, report: dict[str, Any], name: str, variant: dict[str, Any]
+) -> GateResult:
+    """min_speedup_vs_pytorch at every gated shape, decided on the speed-up's confidence interval:
+    pass when every interval clears the limit, fail when one lies entirely below it, inconclusive
+    otherwise (or when that shape's timing was interfered with). A report without intervals (older
+    format) is judged on the point ratios."""
+    limit = gates.min_speedup_vs_pytorch
+    ratios = variant.get("speedup_vs_pytorch") or {}
+    intervals = variant.get("speedup_ci") or {}
+    keys = gates.speedup_at or sorted(ratios)
+    missing = [k for k in keys if k not in ratios]
+    if missing or not keys:
+        return GateResult(
+            name,
+            "min_speedup_vs_pytorch",
+            False,
+            None,
+            limit,
+            f"no speed-up measured at {', '.join(missing) or 'any shape'} "
+            f"(measured: {', '.join(sorted(ratios)) or 'none'})",
+        )
+    verdicts, parts = {}, []
+    for key in keys:
+        low, high = intervals.get(key) or (ratios[key], ratios[key])
+        interference = _interfered(report, key)
+        verdicts[key] = verdict({"low": low, "high": high}, limit, interfered=bool(interference))
+        text = f"{key} {ratios[key]:.2f}x [{low:.2f}, {high:.2f}]"
+        if interference:
+            text += " (timing interfered with: " + "; ".join(interference) + ")"
+        parts.append(text)
+    worst = min(keys, key=lambda k: ratios[k])
+    status = (
+        "fail"
+        if "fail" in verdicts.values()
+        else ("inconclusive" if "inconclusive" in verdicts.values() else "pass")
+    )
+    return GateResult(
+        name,
+        "min_speedup_vs_pytorch",
+        status == "pass",
+        ratios[worst],
+        limit,
+        f"worst at {worst}; " + ", ".join(parts) + ("" if intervals else " (no intervals in this report)"),
+        inconclusive=status == "inconclusive",
+    )
 
 
 def gated_variants(gates: GatesConfig, report: dict[str, Any]) -> tuple[list[str], list[GateResult]]:
@@ -263,17 +306,32 @@ def compare_baseline(
             continue
         changes = {k: float(new_r[k]) / float(old_r[k]) - 1.0 for k in keys if old_r[k]}
         worst = min(changes, key=changes.get)
+        # The new ratio must keep (1 - tolerance) of the old one; decided on the new interval.
+        intervals = new.get("speedup_ci") or {}
+        verdicts = {}
+        for key in changes:
+            low, high = intervals.get(key) or (new_r[key], new_r[key])
+            threshold = float(old_r[key]) * (1.0 - tol_s)
+            verdicts[key] = verdict(
+                {"low": low, "high": high}, threshold, interfered=bool(_interfered(report, key))
+            )
+        status = (
+            "fail"
+            if "fail" in verdicts.values()
+            else ("inconclusive" if "inconclusive" in verdicts.values() else "pass")
+        )
         results.append(
             GateResult(
                 name,
                 "baseline_speedup",
-                changes[worst] >= -tol_s - 1e-12,
+                status == "pass",
                 round(changes[worst], 4),
                 -tol_s,
                 "relative change of the speed-up ratio, worst at "
                 + worst
                 + "; "
-                + ", ".join(f"{k} {new_r[k]:.2f}x vs {old_r[k]:.2f}x" for k in keys),
+                + ", ".join(f"{k} {new_r[k]:.2f}x vs {old_r[k]:.2f}x ({verdicts[k]})" for k in keys),
+                inconclusive=status == "inconclusive",
             )
         )
     return results
@@ -325,27 +383,28 @@ def _same_recipe(recipe: Recipe, report: dict[str, Any], path: Path) -> None:
 
 
 def write_junit(results: list[GateResult], path: Path, suite: str) -> Path:
-    """JUnit XML: one testcase per check, a <failure> for each failed one."""
+    """JUnit XML: one testcase per check, a <failure> for each failed one and an <error> for each
+    inconclusive one (the check could not be decided: not a pass, not a regression)."""
     import xml.etree.ElementTree as ET
 
-    failures = sum(not r.passed for r in results)
-    root = ET.Element("testsuites", name=suite, tests=str(len(results)), failures=str(failures), errors="0")
-    node = ET.SubElement(
-        root,
-        "testsuite",
-        name=suite,
-        tests=str(len(results)),
-        failures=str(failures),
-        errors="0",
-        skipped="0",
-    )
+    failures = sum(r.status == "fail" for r in results)
+    errors = sum(r.status == "inconclusive" for r in results)
+    counts = {"tests": str(len(results)), "failures": str(failures), "errors": str(errors)}
+    root = ET.Element("testsuites", name=suite, **counts)
+    node = ET.SubElement(root, "testsuite", name=suite, skipped="0", **counts)
     for result in results:
         case = ET.SubElement(node, "testcase", classname=suite, name=result.name, time="0")
         if result.passed:
             ET.SubElement(case, "system-out").text = result.line()
         else:
-            failure = ET.SubElement(case, "failure", message=result.line(), type="GateFailure")
-            failure.text = json.dumps(asdict(result), default=str)
+            kind = "failure" if result.status == "fail" else "error"
+            element = ET.SubElement(
+                case,
+                kind,
+                message=result.line(),
+                type="GateFailure" if kind == "failure" else "GateInconclusive",
+            )
+            element.text = json.dumps(asdict(result), default=str)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
     return path
@@ -373,10 +432,16 @@ def gate_command(
     results = run_gate(recipe, report_path, baseline, junit)
     for result in results:
         print(result.line(), file=out)
-    failed = sum(not r.passed for r in results)
-    summary = f"gate {recipe.name}: {len(results) - failed}/{len(results)} checks passed"
-    print(summary + ("" if not failed else f", {failed} failed"), file=out)
-    return EXIT_FAIL if failed else EXIT_PASS
+    failed = sum(r.status == "fail" for r in results)
+    undecided = sum(r.status == "inconclusive" for r in results)
+    passed = len(results) - failed - undecided
+    summary = f"gate {recipe.name}: {passed}/{len(results)} checks passed"
+    summary += f", {failed} failed" if failed else ""
+    summary += f", {undecided} inconclusive (re-run on a quiet machine)" if undecided else ""
+    print(summary, file=out)
+    if failed:
+        return EXIT_FAIL
+    return EXIT_INCONCLUSIVE if undecided else EXIT_PASS
 
 
 def add_gate_arguments(parser: Any) -> None:

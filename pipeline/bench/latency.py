@@ -114,34 +114,88 @@ def time_shapes(
     settle: int,
     progress: Any = None,
     on_shape: Callable[[str, dict[str, dict[str, list[float]]]], None] | None = None,
-) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Milliseconds of every runner's timed calls at every shape: {runner: {shape key: {call: ms}}}.
+    on_retry: Callable[[str, int, list[str]], None] | None = None,
+    max_rounds: int = 1,
+    max_other_cpu: float = math.inf,
+    max_turn_spread: float = math.inf,
+) -> tuple[dict[str, dict[str, dict[str, list[float]]]], dict[str, dict[str, Any]]]:
+    """Milliseconds of every runner's timed calls at every shape, and how trustworthy each shape's
+    timing is: ({runner: {shape key: {call: ms}}}, {shape key: quality record}).
 
     `calls_of(runner, batch, seq)` gives the runner's timed calls at one shape ("" for a plain
     forward; a decoder has "prefill" and "decode"). All calls of all runners at one shape take
-    turns in one `interleaved` round robin, so a drift in background load hits them alike.
+    turns in one `interleaved` round robin, so a drift in background load hits them alike. A round
+    disturbed by other CPU work, a dispersion jump, or (across shapes) an implausible ordering is
+    timed again, up to `max_rounds` rounds per shape; the quality record says what was seen.
     """
+    from pipeline.bench.interference import CpuMonitor, disturbed, implausible_orderings, quality_record
+    from pipeline.bench.stats import turn_spread
+
     times: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in runners}
-    for batch, seq in shapes:
+    quality: dict[str, dict[str, Any]] = {}
+
+    def one_round(batch: int, seq: int, round_index: int) -> list[str]:
         key = shape_key(batch, seq)
-        calls: dict[tuple[str, str], Callable[[], Any]] = {}
-        for name, runner in runners.items():
-            for call, fn in calls_of(runner, batch, seq).items():
-                calls[(name, call)] = fn
-        measured = interleaved(
-            {f"{name}\x00{call}": fn for (name, call), fn in calls.items()},
-            warmup=warmup,
-            iters=iters,
-            block=block,
-            settle=settle,
-            progress=progress,
-        )
+        calls = {
+            f"{name}\x00{call}": fn
+            for name, runner in runners.items()
+            for call, fn in calls_of(runner, batch, seq).items()
+        }
+        with CpuMonitor() as cpu:
+            measured = interleaved(
+                calls, warmup=warmup, iters=iters, block=block, settle=settle, progress=progress
+            )
         for label, ms in measured.items():
             name, call = label.split("\x00")
             times[name].setdefault(key, {})[call] = ms
+        spreads = {
+            label.replace("\x00", ":").rstrip(":"): turn_spread(ms, block) for label, ms in measured.items()
+        }
+        reasons = disturbed(cpu, spreads, max_other_cpu=max_other_cpu, max_turn_spread=max_turn_spread)
+        quality[key] = quality_record(cpu, round_index, reasons)
+        return reasons
+
+    for batch, seq in shapes:
+        key = shape_key(batch, seq)
+        for round_index in range(1, max_rounds + 1):
+            reasons = one_round(batch, seq, round_index)
+            if not reasons or round_index == max_rounds:
+                break
+            if on_retry is not None:
+                on_retry(key, round_index, reasons)
         if on_shape is not None:
             on_shape(key, {name: times[name][key] for name in runners})
-    return times
+
+    def orderings() -> dict[tuple[int, int], list[str]]:
+        p50 = {
+            f"{name}:{call}".rstrip(":"): {
+                (b, s): float(np.median(times[name][shape_key(b, s)][call])) for b, s in shapes
+            }
+            for name in runners
+            for call in times[name][shape_key(*shapes[0])]
+        }
+        found: dict[tuple[int, int], list[str]] = {}
+        for line in implausible_orderings(p50):
+            for b, s in shapes:
+                if f"at b{b}_s{s}" in line:
+                    found.setdefault((b, s), []).append(line)
+        return found
+
+    for _ in range(max_rounds):
+        bad = orderings()
+        retry = [shape for shape in bad if quality[shape_key(*shape)]["rounds"] < max_rounds]
+        if not retry:
+            break
+        for batch, seq in retry:
+            key = shape_key(batch, seq)
+            if on_retry is not None:
+                on_retry(key, quality[key]["rounds"], bad[(batch, seq)])
+            one_round(batch, seq, quality[key]["rounds"] + 1)
+    for (batch, seq), lines in orderings().items():
+        record = quality[shape_key(batch, seq)]
+        record["reasons"] = record["reasons"] + lines
+        record["interfered"] = True
+    return times, quality
 
 
 def geometric_mean(values: Sequence[float]) -> float | None:

@@ -17,20 +17,48 @@ class LatencyConfig(StrictModel):
     warmup: int = Field(
         5, ge=0, description="Untimed runs of each candidate before timing (interleaved too)."
     )
-    iters: int = Field(60, ge=1, description="Timed runs per candidate and shape (in turns of `block` runs).")
+    iters: int = Field(80, ge=1, description="Timed runs per candidate and shape (in turns of `block` runs).")
     threads: int = Field(2, ge=1, description="Intra-op threads for PyTorch and ONNX Runtime.")
     block: int = Field(
-        20,
+        10,
         ge=1,
         description="Consecutive timed runs of one candidate per turn of the round robin. Strict "
         "alternation (1) lets one runtime's still-spinning thread pool slow the next candidate: "
-        "measured here, it made PyTorch eager 3x slower at batch 1 and inflated every speed-up.",
+        "measured here, it made PyTorch eager 3x slower at batch 1 and inflated every speed-up. "
+        "The turns are also what the speed-ups' confidence intervals resample (iters / block turns).",
     )
     settle: int = Field(
         2,
         ge=0,
         description="Untimed runs that open every turn, absorbing the hand-over from the previous "
         "candidate's threads.",
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="Confidence level of the speed-up intervals (a bootstrap over the interleaved "
+        "turns of the ratio of medians). Speed gates pass only when the interval clears the limit.",
+    )
+    max_rounds: int = Field(
+        3,
+        ge=1,
+        description="Timing rounds per shape at most: a round in which other processes used the CPU "
+        "(more than max_other_cpu), a candidate's turns spread too far (max_turn_spread), or a "
+        "candidate came out slower at a smaller batch is timed again; when the last round is still "
+        "disturbed the shape is marked interfered and its speed verdicts are inconclusive.",
+    )
+    max_other_cpu: float = Field(
+        0.25,
+        ge=0,
+        description="CPU time other processes (and the hypervisor's steal) may take while timing, in "
+        "cores on average (/proc/stat), before a round counts as disturbed.",
+    )
+    max_turn_spread: float = Field(
+        1.5,
+        gt=1,
+        description="Largest allowed ratio of a candidate's slowest to its fastest turn median in a "
+        "round; above it the round counts as disturbed (a dispersion jump).",
     )
 
     @field_validator("batch_sizes", "seq_lens")

@@ -158,6 +158,26 @@ def _optimum_candidates(export_dir: Path, work: Path, preset: str, threads: int)
     ]
 
 
+def released_vs_peers(
+    rows: dict[str, dict[str, Any]], times: dict[str, dict[str, list[float]]], block: int, confidence: float
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """How much faster the released variant is than each peer, with the interval over the
+    interleaved turns: {peer: {shape key: {ratio, low, high, ...}}}."""
+    from pipeline.bench.stats import ratio_interval
+
+    released = next((n for n, r in rows.items() if r.get("released") and n in times), None)
+    if released is None:
+        return {}
+    return {
+        peer: {
+            key: ratio_interval(by_shape[key], times[released][key], block, confidence=confidence)
+            for key in by_shape
+        }
+        for peer, by_shape in times.items()
+        if rows[peer]["role"] == "peer"
+    }
+
+
 def run_benchmark(
     recipe_path: Path,
     overrides: list[str],
@@ -175,8 +195,9 @@ def run_benchmark(
     import torch
 
     from pipeline import manifest as mf
-    from pipeline.bench import interleaved, summarize, torch_threads
+    from pipeline.bench import summarize, time_shapes, torch_threads
     from pipeline.bench.ceiling import matmul_flops, measure_ceilings, model_kernel_ms, weight_matmuls
+    from pipeline.bench.stats import ratio_interval, turn_medians
     from pipeline.config import load_recipe, shape_key
     from pipeline.data import DataBundle, examples_digest
     from pipeline.fingerprint import machine_fingerprint
@@ -318,20 +339,42 @@ def run_benchmark(
         # -- speed: all candidates interleaved, one shape at a time --------------------------------------
         timed = [c for c in candidates if c.forward is not None]
         shapes = [(b, s) for b in lat.batch_sizes for s in lat.seq_lens]
-        for batch, seq in shapes:
-            key = shape_key(batch, seq)
-            calls = {}
-            for entry in timed:
-                inputs = dummy_inputs(entry.input_names, batch, seq, vocab_size, seed=0)
-                calls[entry.name] = lambda fn=entry.forward, inputs=inputs: fn(inputs)
-            times = interleaved(calls, warmup=warmup, iters=iters, block=block, settle=settle)
-            for name, ms in times.items():
-                rows[name].setdefault("latency", {})[key] = summarize(ms, batch)
+
+        def calls_of(entry: Candidate, batch: int, seq: int) -> dict[str, Callable[[], Any]]:
+            inputs = dummy_inputs(entry.input_names, batch, seq, vocab_size, seed=0)
+            return {"": lambda: entry.forward(inputs)}
+
+        def log_shape(key: str, times: dict[str, dict[str, list[float]]]) -> None:
             log.info(
                 "bench: %s p50 ms: %s",
                 key,
-                ", ".join(f"{n} {rows[n]['latency'][key]['p50_ms']:.2f}" for n in times),
+                ", ".join(f"{n} {np.median(t['']):.2f}" for n, t in times.items()),
             )
+
+        times, quality = time_shapes(
+            {entry.name: entry for entry in timed},
+            shapes,
+            calls_of,
+            warmup=warmup,
+            iters=iters,
+            block=block,
+            settle=settle,
+            on_shape=log_shape,
+            on_retry=lambda key, n, reasons: log.warning("bench: %s round %d disturbed: %s", key, n, reasons),
+            max_rounds=lat.max_rounds,
+            max_other_cpu=lat.max_other_cpu,
+            max_turn_spread=lat.max_turn_spread,
+        )
+        base_name = "pytorch-eager-fp32"
+        for batch, seq in shapes:
+            key = shape_key(batch, seq)
+            for name, by_shape in times.items():
+                ms = by_shape[key][""]
+                rows[name].setdefault("latency", {})[key] = summarize(ms, batch)
+                rows[name]["latency"][key]["turn_medians_ms"] = turn_medians(ms, block)
+                interval = ratio_interval(times[base_name][key][""], ms, block, confidence=lat.confidence)
+                rows[name].setdefault("speedup_ci", {})[key] = [interval["low"], interval["high"]]
+        raw_times = {name: {key: by_shape[key][""] for key in by_shape} for name, by_shape in times.items()}
         del model, quantized_model, candidates, timed
 
     # -- ceilings on the model's weight shapes, after the models are freed ----------------------------
@@ -383,12 +426,15 @@ def run_benchmark(
             "session_options": session_options(threads),
             "optimum_preset": preset,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "timing_quality": quality,
+            "confidence": lat.confidence,
         },
         "random_weights": random_weights(baseline_dir),
         "released_variant": released,
         "ceilings": ceilings,
         "weight_matmuls": {f"{k}x{n}": c for (k, n), c in sorted(plain_shapes.items())},
         "candidates": rows,
+        "released_vs_peers": released_vs_peers(rows, raw_times, block, lat.confidence),
     }
     result["summary"] = summarize_result(result)
     write_results(result, Path(out_dir))

@@ -42,8 +42,19 @@ def pick_release(gates: GatesConfig, release: ReleaseConfig, report: dict[str, A
     if not passing:
         detail = " | ".join(f"{name}: {failures(name)}" for name in variants)
         return {"variant": None, "reason": f"no variant passes all gates: {detail}"}
+    # A variant that passes everything beats any faster one whose speed is not proven; the reason
+    # says which were passed over as inconclusive.
     timed = [name for name in passing if key in (variants[name].get("latency") or {})]
     if not timed:
         return {"variant": None, "reason": f"no passing variant was timed at {key}"}
     fastest = min(timed, key=lambda name: variants[name]["latency"][key]["p50_ms"])
-    return {"variant": fastest, "reason": f"fastest within all gates; {describe(fastest)}"}
+    p50 = variants[fastest]["latency"][key]["p50_ms"]
+    unproven = [
+        name
+        for name in variants
+        if name not in passing
+        and all(c.status != "fail" for c in results[name])
+        and ((variants[name].get("latency") or {}).get(key) or {}).get("p50_ms", float("inf")) < p50
+    ]
+    passed_over = f"; faster but inconclusive, so not released: {', '.join(unproven)}" if unproven else ""
+    return {"variant": fastest, "reason": f"fastest within all gates; {describe(fastest)}{passed_over}"}

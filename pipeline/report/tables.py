@@ -55,9 +55,15 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         checks = {
             n.split("/", 1)[1]: g for n, g in report.get("gates", {}).items() if n.split("/", 1)[0] == name
         }
-        failed = [check for check, g in checks.items() if not g["passed"]]
-        gates = "-" if not checks else ("pass" if not failed else "FAIL: " + ", ".join(failed))
+        failed = [check for check, g in checks.items() if _status(g) == "fail"]
+        undecided = [check for check, g in checks.items() if _status(g) == "inconclusive"]
+        gates = "-" if not checks else ("pass" if not failed and not undecided else "")
+        if failed:
+            gates = "FAIL: " + ", ".join(failed)
+        if undecided:
+            gates += ("; " if gates else "") + "INCONCLUSIVE: " + ", ".join(undecided)
         speed = variant.get("speedup_vs_pytorch") or {}
+        intervals = variant.get("speedup_ci") or {}
         rows.append(
             [
                 name + (" (released)" if name == released else ""),
@@ -65,7 +71,7 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 num(variant.get("metric_drop")),
                 num(variant.get("agreement")),
                 *[num((variant["latency"].get(k) or {}).get("p50_ms"), 2) for k in keys],
-                *[("-" if speed.get(k) is None else f"{speed[k]:.2f}x") for k in keys],
+                *[_speedup(speed.get(k), intervals.get(k)) for k in keys],
                 mb(variant.get("size_bytes")),
                 mb(variant.get("peak_rss_bytes")),
                 gates,
@@ -112,7 +118,7 @@ def gate_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = [
         [
             name,
-            "pass" if g["passed"] else "FAIL",
+            _status(g).upper() if _status(g) != "pass" else "pass",
             num(g.get("value")),
             num(g.get("limit")),
             g.get("detail", ""),
@@ -133,3 +139,14 @@ def machine_line(report: dict[str, Any]) -> str:
         f"onnxruntime {machine.get('ort_version', '?')}; {lat.get('threads', '?')} thread(s), "
         f"warm-up {lat.get('warmup', '?')}, {lat.get('iters', '?')} timed runs per shape, interleaved"
     )
+
+
+def _status(gate: dict[str, Any]) -> str:
+    return gate.get("status") or ("pass" if gate["passed"] else "fail")
+
+
+def _speedup(ratio: float | None, interval: list[float] | None) -> str:
+    """'6.67x [6.10, 7.20]': the ratio and its confidence interval, when there is one."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")

@@ -119,6 +119,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
 
     from pipeline.bench import speedups, summarize, time_shapes, torch_threads
     from pipeline.bench.interference import load_average
+    from pipeline.bench.stats import ratio_interval, turn_medians
     from pipeline.model_source import random_weights
     from pipeline.onnx.io import model_file, read_config
     from pipeline.onnx.session import CPU, node_placement, open_session, provider_availability
@@ -248,8 +249,16 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
             }
             ctx.log.info("validate: %s p50 ms: %s", key, ", ".join(f"{n} {v}" for n, v in p50s.items()))
 
+        def log_retry(key: str, round_index: int, reasons: list[str]) -> None:
+            ctx.log.warning(
+                "validate: %s timing round %d disturbed (%s); timing it again",
+                key,
+                round_index,
+                "; ".join(reasons),
+            )
+
         with tqdm(total=total, desc="benchmark", unit="run", disable=None, leave=False) as bar:
-            times = time_shapes(
+            times, quality = time_shapes(
                 runners,
                 shapes,
                 lambda runner, batch, seq: task.timing_calls(runner, batch, seq, vocab_size),
@@ -259,6 +268,10 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
                 settle=lat.settle,
                 progress=bar,
                 on_shape=log_shape,
+                on_retry=log_retry,
+                max_rounds=lat.max_rounds,
+                max_other_cpu=lat.max_other_cpu,
+                max_turn_spread=lat.max_turn_spread,
             )
         load_after = load_average()
         timings = {
@@ -268,6 +281,23 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
             }
             for label, by_shape in times.items()
         }
+        primary = task.primary_call
+        intervals = {
+            label: {
+                key: ratio_interval(
+                    times["pytorch"][key][primary], per_call[primary], lat.block, confidence=lat.confidence
+                )
+                for key, per_call in by_shape.items()
+            }
+            for label, by_shape in times.items()
+            if label != "pytorch"
+        }
+        for label, by_shape in times.items():
+            for key, per_call in by_shape.items():
+                timings[label][key]["turn_medians_ms"] = turn_medians(per_call[primary], lat.block)
+        for key, record in quality.items():
+            if record["interfered"]:
+                ctx.log.warning("validate: %s timing interfered with: %s", key, "; ".join(record["reasons"]))
         runners.clear()  # free the runtimes before the memory probes
         del model
 
@@ -279,6 +309,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
         result = variants[name]["providers"][provider]
         result["latency"] = timings[label]
         result["speedup_vs_pytorch"] = speedups(baseline["latency"], timings[label])
+        result["speedup_ci"] = {key: [ci["low"], ci["high"]] for key, ci in intervals[label].items()}
         result.update(call_speedups(baseline["latency"], timings[label]))
     for entry in variants.values():
         cpu = entry["providers"][CPU]
@@ -291,6 +322,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
                 "classification_report": cpu.pop("classification_report", ""),
                 "latency": cpu["latency"],
                 "speedup_vs_pytorch": cpu["speedup_vs_pytorch"],
+                "speedup_ci": cpu["speedup_ci"],
                 "peak_rss_bytes": cpu.get("peak_rss_bytes"),
                 **{k: v for k, v in cpu.items() if k.endswith("_speedup_vs_pytorch")},
             }
@@ -315,6 +347,11 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
         },
         "settings": {
             "random_weights": random_model,
+            "timing_quality": quality,
+            "speedup_ci_method": (
+                f"paired bootstrap over the interleaved turns ({lat.iters} runs in turns of {lat.block}) of "
+                f"the ratio of medians, {lat.confidence:.0%} interval"
+            ),
             "memory_method": (
                 "peak RSS growth while loading + the timed calls at the largest shape "
                 f"(b{biggest[0]} s{biggest[1]}), each candidate in a fresh process"

@@ -150,6 +150,7 @@ class Task:
     lower_is_better: tuple[str, ...] = ()
     scorable = True  # validate can score it on labelled data
     fusion_opt_level: int | None = None  # ORT optimizer opt_level when the recipe gives none
+    primary_call = ""  # the timed call a speed-up refers to (see timing_calls)
 
     @property
     def trainable(self) -> bool:

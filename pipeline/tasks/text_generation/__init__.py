@@ -45,6 +45,7 @@ class TextGeneration(Task):
     metrics = ("perplexity", "token_agreement")
     lower_is_better = ("perplexity",)
     fusion_opt_level = 0  # ORT's own graph optimizations stay at session time for decoders
+    primary_call = "decode"  # speed-ups are per generated token
 
     def check_exportable(self, model: Any, folder: Path) -> None:
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
