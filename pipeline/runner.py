@@ -70,10 +70,14 @@ class Runner:
         from pipeline.data import DataBundle
         from pipeline.fingerprint import machine_fingerprint
         from pipeline.model_source import resolve_model_source
+        from pipeline.preflight import preflight
         from pipeline.tasks import get_task
 
         root = _safe_root(self.exported, self.recipe.name)
         source_dir = resolve_model_source(self.recipe.model.source, self.recipe.model.revision)
+        self.data = DataBundle.from_recipe(self.recipe)
+        self.task = get_task(self.recipe.model.task)
+        preflight(self.recipe, source_dir, self.data, self.task)  # nothing is written before this
         plan = build_plan(self.recipe, self.exported, source_dir)
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / ".lock"))
@@ -86,8 +90,6 @@ class Runner:
             ) from None
         try:
             _remove_leftovers(root)
-            self.data = DataBundle.from_recipe(self.recipe)
-            self.task = get_task(self.recipe.model.task)
             self.machine = machine_fingerprint()
             self.source_digest = source_digest = mf.digest_of(mf.hash_folder(source_dir))
             selected = self._selected(plan)
