@@ -16,7 +16,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"alone": (0, 0), "strict alternation": (1, 0), "turns of 20 + 2 untimed": (20, 2)}
+MODES = {
+    "alone": (0, 0),
+    "strict alternation": (1, 0),
+    "turns of 10 + 2 untimed": (10, 2),
+    "turns of 20 + 2 untimed": (20, 2),
+}
 
 
 def measure(root: str, block: int, settle: int) -> None:

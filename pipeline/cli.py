@@ -1,6 +1,7 @@
 """Command line: python -m pipeline run|check|list|verify|gate|bench ...
 
-Exit codes: 0 ok, 1 stage failure, 2 bad input (recipe, paths, model, data), 3 gate failure.
+Exit codes: 0 ok, 1 stage failure, 2 bad input (recipe, paths, model, data), 3 gate failure,
+4 gate inconclusive (a speed interval straddles its limit, or the timing was interfered with).
 """
 
 from __future__ import annotations
