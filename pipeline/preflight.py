@@ -2,7 +2,8 @@
 
 Everything a recipe points at is opened once, up front: the model folder and its tokenizer, every
 configured data split (it exists, parses, is not empty, fits the task), the labels of the data
-against the model's head when nothing fine-tunes it, the parity and timing shapes against the
+against the model's head when nothing fine-tunes it, tune and calibration data disjoint from eval
+(by content hash), the parity and timing shapes against the
 model's positions, the metric against the task, and the architectures the pruning and fusion
 steps support. The first problem is one line naming the field (RecipeError/InputError: exit 2),
 raised before anything is written under exported/, also with `--until`.
@@ -17,8 +18,9 @@ from pipeline.config import Recipe
 from pipeline.errors import InputError, RecipeError
 
 
-def preflight(recipe: Recipe, source_dir: Path, data: Any, task: Any) -> None:
-    """Check `recipe`'s inputs (model folder `source_dir`, its DataBundle `data`, its Task)."""
+def preflight(recipe: Recipe, source_dir: Path, data: Any, task: Any) -> list[str]:
+    """Check `recipe`'s inputs (model folder `source_dir`, its DataBundle `data`, its Task); returns
+    the notes the report must carry (an overlap the recipe allowed)."""
     from pipeline.onnx.io import read_config
     from pipeline.tasks import load_tokenizer
 
@@ -26,9 +28,10 @@ def preflight(recipe: Recipe, source_dir: Path, data: Any, task: Any) -> None:
     model_type = config.get("model_type")
     load_tokenizer(source_dir, recipe.model.trust_remote_code)  # InputError naming the folder
     _check_positions(recipe, config)
-    for split in ("train", "eval", "calibration"):
+    for split in ("train", "tune", "eval", "calibration"):
         if data.has(split):
             data.get(split)  # exists, parses, not empty, fits the task: InputError naming data.<split>
+    overlaps = data_overlaps(recipe, data)
     if recipe.data.eval is not None:
         from pipeline.stages.validate import check_metric
 
@@ -45,6 +48,34 @@ def preflight(recipe: Recipe, source_dir: Path, data: Any, task: Any) -> None:
             if data.has(split):
                 task.check_labels(id2label, data.get(split), where=f"data.{split}")
     _check_steps(recipe, model_type)
+    if recipe.finetune is not None and not data.has("tune") and data.has("eval"):
+        overlaps.append(
+            "the fine-tune kept its best epoch by its score on data.eval (the recipe has no data.tune): "
+            "the eval figures are the best of several looks at the eval set, slightly optimistic"
+        )
+    return overlaps
+
+
+def data_overlaps(recipe: Recipe, data: Any) -> list[str]:
+    """Tune or calibration examples that are eval examples (content hashes): an InputError naming
+    both splits, or, with data.allow_overlap, the notes the report carries."""
+    notes = []
+    if not data.has("eval"):
+        return notes
+    for split in ("tune", "calibration"):
+        if not data.has(split):
+            continue
+        shared = data.overlap(split, "eval")
+        if not shared:
+            continue
+        text = (
+            f"data.{split} and data.eval share {shared} of {len(data.get(split))} examples (equal content): "
+            f"choices made on {split} data then measure the eval set they are reported on"
+        )
+        if not recipe.data.allow_overlap:
+            raise InputError(text + "; use disjoint data, or set data.allow_overlap: true")
+        notes.append(text + " (allowed by data.allow_overlap)")
+    return notes
 
 
 def _check_positions(recipe: Recipe, config: dict[str, Any]) -> None:

@@ -77,7 +77,7 @@ class Runner:
         source_dir = resolve_model_source(self.recipe.model.source, self.recipe.model.revision)
         self.data = DataBundle.from_recipe(self.recipe)
         self.task = get_task(self.recipe.model.task)
-        preflight(self.recipe, source_dir, self.data, self.task)  # nothing is written before this
+        self.notes = preflight(self.recipe, source_dir, self.data, self.task)  # nothing written before
         plan = build_plan(self.recipe, self.exported, source_dir)
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / ".lock"))
@@ -293,6 +293,7 @@ class Runner:
                 {
                     "gates": self.recipe.gates.model_dump(mode="json"),
                     "release": self.recipe.release.model_dump(mode="json"),
+                    "notes": self.notes,
                 }
             )
         )
@@ -321,7 +322,9 @@ class Runner:
         if node.status == "cached":
             log.info("validate: measurements cached (key %s); gates or release changed", node.key[:12])
         measured_at = node.manifest.get("started_at") if node.manifest else None
-        report = decide(self.recipe, load_measurements(node.folder), node.key, decision_key, measured_at)
+        report = decide(
+            self.recipe, load_measurements(node.folder), node.key, decision_key, measured_at, self.notes
+        )
         _write_report_files(report, root)
         if self.until == "validate":
             return
@@ -373,6 +376,7 @@ def decide(
     measurement_key: str | None = None,
     decision_key: str | None = None,
     measured_at: str | None = None,
+    notes: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The report: the validate stage's measurements plus the decisions taken with the recipe's
     current gates and release settings (gate results of every variant, Pareto front, release pick).
@@ -391,6 +395,7 @@ def decide(
         "measurement_key": measurement_key,
         "decision_key": decision_key,
     }
+    report["notes"] = list(report.get("notes") or []) + list(notes)
     report["settings"] = {**report["settings"], "primary_latency_key": recipe.primary_latency_key()}
     report["gates"] = {
         r.name: r.as_report()

@@ -34,7 +34,7 @@ def _run(model_dir: Path, out: Path, reference: Path | None = None, **config):
     spec = get_stage("prune")
     assert (spec.consumes, spec.produces) == ("hf", "hf")
     pruning = PruneConfig.model_validate(config)
-    assert spec.splits(pruning) == (("train", "eval") if pruning.recover_epochs else ())
+    assert spec.splits(pruning) == (("train", "tune", "eval") if pruning.recover_epochs else ())
     metrics = run_stage(
         "prune",
         pruning,

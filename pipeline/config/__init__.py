@@ -5,7 +5,7 @@ a stage receives its own section (plus what it declares it reads) rather than th
 """
 
 from pipeline.config.base import StrictModel, canonical_json, check_provider_names, parse_shape_key, shape_key
-from pipeline.config.data import CalibrationSpec, DataConfig, SplitSpec
+from pipeline.config.data import DataConfig, SampleSpec, SplitSpec
 from pipeline.config.export import ExportConfig, ParityConfig
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.config.gates import GatesConfig
@@ -31,7 +31,6 @@ __all__ = [
     "TRAINABLE_TASKS",
     "VARIANT_STEPS",
     "AutoExcludeConfig",
-    "CalibrationSpec",
     "DataConfig",
     "ExportConfig",
     "FinetuneConfig",
@@ -44,6 +43,7 @@ __all__ = [
     "QuantizeConfig",
     "Recipe",
     "ReleaseConfig",
+    "SampleSpec",
     "SplitSpec",
     "Step",
     "StrictModel",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from pipeline.config.base import StrictModel
 
@@ -46,21 +46,75 @@ class SplitSpec(StrictModel):
         return value
 
 
-class CalibrationSpec(StrictModel):
-    """Calibration examples for static quantization, drawn from another split."""
+class SampleSpec(StrictModel):
+    """Examples drawn with a seed from another split (kept in their original order)."""
 
-    from_split: Literal["train", "eval"] = Field(
-        "train", alias="from", description="Split the calibration examples are drawn from."
+    from_split: Literal["train", "tune", "eval"] = Field(
+        "train", alias="from", description="Split the examples are drawn from."
     )
     samples: int = Field(128, ge=1, description="Number of examples, drawn with the seed below.")
     seed: int = Field(0, description="Seed for drawing the examples.")
 
 
+def _spec_kind(value: Any) -> str:
+    """A mapping with a `source` is a split of its own; anything else is drawn from another split."""
+    if isinstance(value, SplitSpec) or (isinstance(value, dict) and "source" in value):
+        return "source"
+    return "sample"
+
+
+# A split given by its own source, or drawn from another split.
+SourceOrSample = Annotated[
+    Annotated[SplitSpec, Tag("source")] | Annotated[SampleSpec, Tag("sample")],
+    Discriminator(_spec_kind),
+]
+
+
 class DataConfig(StrictModel):
-    """Recipe section `data`."""
+    """Recipe section `data`: where examples come from, and which data each use may see.
+
+    Calibration data and the data automatic choices are scored on (`tune`) must be disjoint from
+    eval, or the eval figure measures the tuning rather than the model: the pipeline compares the
+    examples' content hashes before the first stage and stops (exit 2) naming both splits when
+    they overlap, unless `allow_overlap` says otherwise (then the report says so).
+    """
 
     train: SplitSpec | None = Field(None, description="Training split (fine-tune, pruning recovery).")
-    eval: SplitSpec | None = Field(None, description="Held-out split for accuracy.")
-    calibration: CalibrationSpec = Field(
-        default_factory=CalibrationSpec, description="Static quantization calibration data."
+    eval: SplitSpec | None = Field(
+        None, description="Held-out split for the reported accuracy, and nothing else."
     )
+    tune: SourceOrSample | None = Field(
+        None,
+        description="Examples automatic choices are scored on (node exclusion, search, the fine-tune's "
+        "best epoch): its own source/format/split, or {from: train, samples, seed}. Disjoint from eval. "
+        "Without it the fine-tune keeps its best epoch on eval and the report says so.",
+    )
+    calibration: SourceOrSample = Field(
+        default_factory=lambda: SampleSpec(from_split="train", samples=128, seed=0),
+        description="Static quantization calibration data: its own source, or {from: train|tune, "
+        "samples, seed} (default: 128 examples of train, seed 0). Disjoint from eval.",
+    )
+    allow_overlap: bool = Field(
+        False,
+        description="Accept tune or calibration examples that are also eval examples (reported in the "
+        "report's notes). Off: such an overlap stops the run before anything is written.",
+    )
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        if isinstance(self.tune, SampleSpec) and self.tune.from_split != "train":
+            raise ValueError(
+                f"data.tune.from: {self.tune.from_split}: the tune split is drawn from train "
+                "(or given its own source)"
+            )
+        if (
+            isinstance(self.calibration, SampleSpec)
+            and self.calibration.from_split == "eval"
+            and not self.allow_overlap
+        ):
+            raise ValueError(
+                "data.calibration.from: eval: calibration examples drawn from the eval split are eval "
+                "examples; draw them from train or tune, give them their own source, or set "
+                "data.allow_overlap: true"
+            )
+        return self

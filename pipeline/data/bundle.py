@@ -1,4 +1,4 @@
-"""DataBundle: lazy, cached access to a recipe's train / eval / calibration splits."""
+"""DataBundle: lazy, cached access to a recipe's train / tune / eval / calibration splits."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.data import DataConfig
-from pipeline.data.examples import Example, TextExample, TokenExample, examples_digest
+from pipeline.config.data import DataConfig, SampleSpec
+from pipeline.data.examples import Example, TextExample, TokenExample, example_digest, examples_digest
 from pipeline.data.sources import load_split
 from pipeline.errors import InputError
 
-SPLITS = ("train", "eval", "calibration")
+SPLITS = ("train", "tune", "eval", "calibration")
 
 
 class DataBundle:
     """A recipe's data splits (its `data` section for a task), read on first use and cached.
 
-    `get(split)` returns the examples of "train", "eval" or "calibration" (InputError when the split
-    is not configured or empty); `digest(split)` a sha256 of them; `labels()` the sorted label set.
-    Calibration examples are `data.calibration.samples` examples drawn with `random.Random(seed)` from
-    the split named by `data.calibration.from` (kept in their original order).
+    `get(split)` returns the examples of "train", "tune", "eval" or "calibration" (InputError when
+    the split is not configured or empty); `digest(split)` a sha256 of them; `labels()` the sorted
+    label set; `overlap(a, b)` how many examples two splits share (by content hash). A split given as
+    {from: <split>, samples, seed} is drawn with `random.Random(seed)` from that split, its examples
+    kept in their original order.
     """
 
     def __init__(
@@ -45,10 +46,16 @@ class DataBundle:
         train: Sequence[Example] | None = None,
         eval: Sequence[Example] | None = None,  # noqa: A002 - the split's name
         calibration: Sequence[Example] | None = None,
+        tune: Sequence[Example] | None = None,
     ) -> DataBundle:
         """A bundle over in-memory examples (tests, helpers); same API as a recipe's bundle."""
         bundle = cls(None, task)
-        for name, examples in (("train", train), ("eval", eval), ("calibration", calibration)):
+        for name, examples in (
+            ("train", train),
+            ("tune", tune),
+            ("eval", eval),
+            ("calibration", calibration),
+        ):
             if examples is not None:
                 bundle._cache[name] = list(examples)
         return bundle
@@ -62,9 +69,10 @@ class DataBundle:
             return True
         if self.data is None:
             return False
-        if split == "calibration":
-            return self.has(self.data.calibration.from_split)
-        return getattr(self.data, split) is not None
+        spec = getattr(self.data, split)
+        if isinstance(spec, SampleSpec):
+            return self.has(spec.from_split)
+        return spec is not None
 
     def get(self, split: str) -> list[Example]:
         self._check_name(split)
@@ -75,6 +83,15 @@ class DataBundle:
     def digest(self, split: str) -> str:
         """sha256 of the split's examples, in order (for cache keys and manifests)."""
         return examples_digest(self.get(split))
+
+    def selection_split(self) -> str:
+        """Where training keeps its best epoch: tune when the recipe has one, else eval."""
+        return "tune" if self.has("tune") else "eval"
+
+    def overlap(self, split: str, other: str) -> int:
+        """How many examples of `split` are also examples of `other` (equal content)."""
+        mine = {example_digest(e) for e in self.get(split)}
+        return sum(example_digest(e) in mine for e in self.get(other))
 
     def labels(self) -> list[str]:
         """Sorted label set of train (+ eval): BIO tags for NER, classes for classification."""
@@ -107,13 +124,11 @@ class DataBundle:
     def _load(self, split: str) -> list[Example]:
         if self.data is None:
             raise InputError(f"data.{split}: not configured")
-        if split == "calibration":
-            calibration = self.data.calibration
-            source = calibration.from_split
-            if not self.has(source):
-                raise InputError(f"data.calibration: draws from data.{source}, which is not configured")
-            return draw_sample(self.get(source), calibration.samples, calibration.seed)
         spec = getattr(self.data, split)
+        if isinstance(spec, SampleSpec):
+            if not self.has(spec.from_split):
+                raise InputError(f"data.{split}: draws from data.{spec.from_split}, which is not configured")
+            return draw_sample(self.get(spec.from_split), spec.samples, spec.seed)
         if spec is None:
             raise InputError(f"data.{split}: not configured")
         assert self.task is not None
@@ -143,6 +158,9 @@ class DataView:
     def digest(self, split: str) -> str:
         self._allowed(split)
         return self._bundle.digest(split)
+
+    def selection_split(self) -> str:
+        return "tune" if self.has("tune") else "eval"
 
     def labels(self) -> list[str]:
         for split in ("train", "eval"):

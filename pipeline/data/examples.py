@@ -43,11 +43,19 @@ class TextExample:
 Example = TokenExample | TextExample
 
 
+def _canonical(example: Example) -> bytes:
+    return json.dumps(example.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def example_digest(example: Example) -> str:
+    """sha256 of one example's content (what the overlap check between splits compares)."""
+    return hashlib.sha256(_canonical(example)).hexdigest()
+
+
 def examples_digest(examples: Sequence[Example]) -> str:
     """sha256 over the canonical JSON of the examples, in order (cache keys and manifests)."""
     digest = hashlib.sha256()
     for example in examples:
-        line = json.dumps(example.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        digest.update(line.encode("utf-8"))
+        digest.update(_canonical(example))
         digest.update(b"\n")
     return digest.hexdigest()

@@ -47,7 +47,7 @@ class RecoverySession:
         self.finetune_config = base.model_copy(update=updates)
         self.max_length = self.finetune_config.max_length or max_length
         self.train_examples = list(data.get("train"))[: self.finetune_config.max_train_examples]
-        self.eval_examples = list(data.get("eval"))[: self.finetune_config.max_eval_examples]
+        self.eval_examples = list(data.get(data.selection_split()))[: self.finetune_config.max_eval_examples]
         self.labels = data.labels()
         self.input_dir = Path(input_dir)
         self.tokenizer = load_tokenizer(self.input_dir)
@@ -81,7 +81,7 @@ class RecoverySession:
         self.teacher = teacher
 
     def evaluate(self, model: Any) -> float:
-        """The task metric of `model` on the eval split."""
+        """The task metric of `model` on the tune split (else eval)."""
         from pipeline.tasks import id2label_of
 
         model.eval()

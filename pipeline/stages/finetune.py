@@ -1,7 +1,8 @@
 """Fine-tune stage: train a task head on an encoder (pipeline.training does the training).
 
-The stage reads the recipe's train/eval splits, adds a head for the data's labels when the
-checkpoint has none, trains (the best epoch on eval is kept), and writes a normal Hugging Face
+The stage reads the recipe's train split, adds a head for the data's labels when the checkpoint
+has none, trains (the best epoch is kept: scored on the tune split when the recipe has one, else on
+eval, which the report then says), and writes a normal Hugging Face
 checkpoint (safetensors + tokenizer) plus `report.txt` (per-label report of the best epoch).
 """
 
@@ -13,9 +14,9 @@ from pipeline.config.finetune import FinetuneConfig
 from pipeline.stages.registry import StageContext, stage
 
 
-@stage("finetune", config=FinetuneConfig, consumes="hf", produces="hf", data_splits=("train", "eval"))
+@stage("finetune", config=FinetuneConfig, consumes="hf", produces="hf", data_splits=("train", "tune", "eval"))
 def finetune(ctx: StageContext) -> dict[str, Any]:
-    """Fine-tune the model on the recipe's train split, keep the best epoch on eval."""
+    """Fine-tune the model on the recipe's train split, keep the best epoch on tune (else eval)."""
     import torch
 
     from pipeline.tasks import load_tokenizer
@@ -24,7 +25,8 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     config: FinetuneConfig = ctx.config
     task = ctx.task
     train = list(ctx.data.get("train"))[: config.max_train_examples]
-    evaluation = list(ctx.data.get("eval"))[: config.max_eval_examples] if ctx.data.has("eval") else []
+    selection = ctx.data.selection_split()
+    evaluation = list(ctx.data.get(selection))[: config.max_eval_examples] if ctx.data.has(selection) else []
     labels = ctx.data.labels()
     max_length = config.max_length or ctx.model.max_length
 
@@ -32,10 +34,11 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     model = task.load_model(ctx.input_dir, labels=labels, trust_remote_code=ctx.model.trust_remote_code)
     tokenizer = load_tokenizer(ctx.input_dir, ctx.model.trust_remote_code)
     ctx.log.info(
-        "finetune: %s on %d train / %d eval examples, %d labels, max_length %d",
+        "finetune: %s on %d train examples, best epoch on %d %s examples, %d labels, max_length %d",
         task.name,
         len(train),
         len(evaluation),
+        selection,
         len(labels),
         max_length,
     )
@@ -50,4 +53,4 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     report = header + ("\n" + result.report if result.report else "")
     (ctx.output_dir / "report.txt").write_text(report, encoding="utf-8")
     print(report, flush=True)
-    return result.metrics()
+    return {**result.metrics(), "selected_on": selection}

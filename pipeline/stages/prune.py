@@ -17,8 +17,9 @@ from pipeline.stages.registry import StageContext, stage
 
 
 def _splits_read(config: PruneConfig) -> tuple[str, ...]:
-    """Recovery trains on train and keeps its best epoch on eval; one-shot pruning reads no data."""
-    return ("train", "eval") if config.recover_epochs else ()
+    """Recovery trains on train and keeps its best epoch on tune (else eval); one-shot pruning reads
+    no data."""
+    return ("train", "tune", "eval") if config.recover_epochs else ()
 
 
 @stage(
