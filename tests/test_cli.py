@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import export_only_recipe
+from helpers import export_only_recipe
 
 from pipeline.cli import main
 

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from fixtures_tiny import make_ner_examples, write_conll
+from helpers import make_ner_examples, write_conll
 
 from pipeline.config import SplitSpec, recipe_from_dict
 from pipeline.data import DataBundle, TextExample, TokenExample, draw_sample, load_split, resolve_package

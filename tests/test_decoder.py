@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_decoder import export_decoder, held_out_texts, run_decoder_stage, shared_tokenizer, tiny_decoder
+from helpers import export_decoder, held_out_texts, run_decoder_stage, shared_tokenizer, tiny_decoder
 
 from pipeline.errors import InputError, ParityError
 

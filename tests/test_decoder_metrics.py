@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_decoder import held_out_texts, shared_tokenizer, tiny_decoder
+from helpers import held_out_texts, shared_tokenizer, tiny_decoder
 
 from pipeline.errors import InputError
 
@@ -131,7 +131,7 @@ def test_decode_timing_reports_every_backend_and_context(tmp_path_factory):
 
 
 def test_validate_decoder_flags_random_weights(tmp_path_factory, tmp_path):
-    from fixtures_decoder import run_decoder_stage
+    from helpers import run_decoder_stage
 
     from pipeline.data import DataBundle, TextExample
     from pipeline.stages.registry import run_stage

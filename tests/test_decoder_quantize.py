@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_decoder import run_decoder_stage, tiny_decoder
+from helpers import run_decoder_stage, tiny_decoder
 from pydantic import ValidationError
 
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build_tiny_bert, export_only_recipe
+from helpers import CLS_LABELS, export_only_recipe, tiny_model
 
 from pipeline.config import recipe_from_dict
 from pipeline.errors import InputError, ParityError
@@ -18,11 +18,12 @@ OUTPUTS = {
     "feature-extraction": ["last_hidden_state"],
     "question-answering": ["start_logits", "end_logits"],
 }
+HEADS = {"text-classification": "sequence", "feature-extraction": "base", "question-answering": "qa"}
 
 
 @pytest.mark.parametrize("task", sorted(OUTPUTS))
 def test_export_tasks_have_dynamic_axes(task, tmp_path):
-    model_dir = build_tiny_bert(tmp_path / "m", task=task)
+    model_dir = tiny_model(tmp_path / "m", head=HEADS[task], labels=CLS_LABELS)
     document = export_only_recipe(model_dir)
     document["model"]["task"] = task
     Runner(recipe_from_dict(document), exported=tmp_path / "out").run()

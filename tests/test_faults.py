@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from conftest import export_only_recipe
+from helpers import export_only_recipe
 
 from pipeline.config import recipe_from_dict
 from pipeline.errors import StageError

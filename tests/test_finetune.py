@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from fixtures_tiny import make_ner_examples, make_text_examples, make_tiny_bert, write_conll
+from helpers import make_ner_examples, make_text_examples, tiny_model, write_conll
 
 from pipeline.config import FinetuneConfig, recipe_from_dict
 from pipeline.data import DataBundle
@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bare_dir(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("bare"), None)
+    return tiny_model(tmp_path_factory.mktemp("bare"), head="base", tokenizer="words")
 
 
 def _score(task, model, tokenizer, examples):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_validate import crafted_report, write_json
+from helpers import crafted_report, write_json
 from pydantic import ValidationError
 
 from pipeline.cli import main

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from fixtures_optimize import export_onnx, make_ctx, make_tiny_bert
+from helpers import export_onnx, make_ctx, tiny_model
 from pydantic import ValidationError
 
 from pipeline.config import OptimizeConfig
@@ -21,7 +21,7 @@ from pipeline.tasks import dummy_inputs
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     root = tmp_path_factory.mktemp("opt")
-    return export_onnx(make_tiny_bert(root / "hf"), root / "onnx")
+    return export_onnx(tiny_model(root / "hf", labels=5, classifier_scale=20.0), root / "onnx")
 
 
 def test_fuses_tiny_bert_fully_and_keeps_parity(tiny_onnx, tmp_path):
@@ -82,7 +82,7 @@ def test_fails_when_attention_fusion_falls_short(tiny_onnx, tmp_path):
 def test_dynamo_export_is_caught(tmp_path):
     """The real breakage from DESIGN.md §7: torch.onnx dynamo exports get no Attention fusion."""
     pytest.importorskip("onnxscript")
-    hf = make_tiny_bert(tmp_path / "hf", layers=1)
+    hf = tiny_model(tmp_path / "hf", layers=1, labels=5, classifier_scale=20.0)
     exported = export_onnx(hf, tmp_path / "dyn", dynamo=True)
     with pytest.raises(StageError, match="attention fusion fell short"):
         optimize(make_ctx(OptimizeConfig(), exported, tmp_path / "out"))
@@ -93,7 +93,7 @@ def test_dynamo_export_is_caught(tmp_path):
     [({0: [1], 1: [2]}, 3, 24), ({0: [1, 3]}, 0, 0)],  # uniform: 4-1 heads; non-uniform: ORT detects
 )
 def test_pruned_heads_are_read_from_the_config(tmp_path, prune, heads, hidden):
-    hf = make_tiny_bert(tmp_path / "hf", heads=4, prune=prune)
+    hf = tiny_model(tmp_path / "hf", heads=4, labels=5, classifier_scale=20.0, prune_heads=prune)
     metrics = optimize(make_ctx(OptimizeConfig(), export_onnx(hf, tmp_path / "onnx"), tmp_path / "out"))
     assert (metrics["num_heads"], metrics["hidden_size"]) == (heads, hidden)
     assert metrics["fused_ops"]["Attention"] == 2

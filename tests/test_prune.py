@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixtures_prune import tiny_checkpoint
+from helpers import pruning_model
 
 torch = pytest.importorskip("torch")
 
@@ -30,8 +30,8 @@ from pipeline.pruning.unstructured import (  # noqa: E402
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune_ckpt")
-    return {kind: tiny_checkpoint(root / kind, kind) for kind in ("bert", "roberta", "distilbert")} | {
-        "gpt2": tiny_checkpoint(root / "gpt2", "gpt2", head="lm")
+    return {kind: pruning_model(root / kind, kind) for kind in ("bert", "roberta", "distilbert")} | {
+        "gpt2": pruning_model(root / "gpt2", "gpt2", head="lm")
     }
 
 

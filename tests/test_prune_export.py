@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_prune import tiny_checkpoint
+from helpers import pruning_model
 
 from pipeline.tasks import get_task
 
@@ -43,7 +43,7 @@ def _prune_and_save(src: Path, dst: Path, kind: str) -> object:
 def exported(tmp_path_factory):
     """dense / ffn-50% / heads-50% tiny BERT token classifiers: (torch model, onnx path)."""
     root = tmp_path_factory.mktemp("prune_export")
-    src = tiny_checkpoint(root / "dense_src")
+    src = pruning_model(root / "dense_src")
     result = {}
     for kind in ("dense", "ffn", "heads"):
         model = _prune_and_save(src, root / kind, kind)

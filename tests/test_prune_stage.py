@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_prune import ner_examples, tiny_checkpoint
+from helpers import prune_ner_examples, pruning_model
 from pydantic import ValidationError
 
 from pipeline.config import PruneConfig, recipe_from_dict
@@ -42,7 +42,7 @@ def _run(model_dir: Path, out: Path, reference: Path | None = None, **config):
         out,
         model={"source": str(model_dir), "task": "token-classification", "max_length": 32},
         data=DataBundle.from_examples(
-            "token-classification", train=ner_examples(48, seed=1), eval=ner_examples(16, seed=2)
+            "token-classification", train=prune_ner_examples(48, seed=1), eval=prune_ner_examples(16, seed=2)
         ),
         sections={"finetune": FinetuneConfig(batch_size=8, lr=1e-3, seed=0)},
         reference_hf_dir=reference,
@@ -53,7 +53,7 @@ def _run(model_dir: Path, out: Path, reference: Path | None = None, **config):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("prune_stage") / "model")
+    return pruning_model(tmp_path_factory.mktemp("prune_stage") / "model")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -145,7 +145,7 @@ def test_heads_stage_records_pruned_heads(model_dir, tmp_path):
 
 
 def test_stage_refuses_unsupported_model_and_writes_nothing(tmp_path):
-    gpt2 = tiny_checkpoint(tmp_path / "gpt2", "gpt2", head="token")
+    gpt2 = pruning_model(tmp_path / "gpt2", "gpt2", head="token")
     with pytest.raises(InputError, match="model_type 'gpt2'"):
         _run(gpt2, tmp_path / "out", kind="ffn")
     assert list((tmp_path / "out").iterdir()) == []

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_optimize import calibration_data, export_onnx, make_ctx, make_tiny_bert, ner_sentences
+from helpers import calibration_data, export_onnx, make_ctx, ner_sentences, tiny_model
 from pydantic import ValidationError
 
 from pipeline.config import OptimizeConfig, QuantizeConfig
@@ -35,9 +35,10 @@ def _machine(base):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    plain = export_onnx(make_tiny_bert(root / "hf"), root / "onnx")
+    plain = export_onnx(tiny_model(root / "hf", labels=5, classifier_scale=20.0), root / "onnx")
     optimize(make_ctx(OptimizeConfig(), plain, root / "fused"))
-    outlier = export_onnx(make_tiny_bert(root / "hf-outlier", outlier_layer=0), root / "onnx-outlier")
+    hf_outlier = tiny_model(root / "hf-outlier", labels=5, classifier_scale=20.0, outlier_layer=0)
+    outlier = export_onnx(hf_outlier, root / "onnx-outlier")
     return {"plain": plain, "fused": root / "fused", "outlier": outlier}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fixtures_optimize import make_tiny_bert
+from helpers import tiny_model
 
 from pipeline.config import recipe_from_dict
 from pipeline.runner import Runner
@@ -44,7 +44,7 @@ def _recipe(model_dir):
 
 
 def test_recipe_runs_every_variant_and_records_fusion_and_sizes(tmp_path):
-    model = make_tiny_bert(tmp_path / "model")
+    model = tiny_model(tmp_path / "model", labels=5, classifier_scale=20.0)
     exported = tmp_path / "exported"
     result = Runner(_recipe(model), exported=exported).run()
     # Shared prefixes run once: one export, one optimize for the three variants that fuse.
@@ -81,7 +81,7 @@ def test_recipe_runs_every_variant_and_records_fusion_and_sizes(tmp_path):
 
 
 def test_only_stages_that_read_calibration_rerun_when_it_changes(tmp_path):
-    model = make_tiny_bert(tmp_path / "model")
+    model = tiny_model(tmp_path / "model", labels=5, classifier_scale=20.0)
     exported = tmp_path / "exported"
 
     def recipe(samples):

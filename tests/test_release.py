@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_validate import build_bundle, crafted_report, recipe_for, run_readme_snippet, validated_once
+from helpers import build_bundle, crafted_report, recipe_for, run_readme_snippet, validated_once
 
 from pipeline.cli import main
 from pipeline.errors import InputError

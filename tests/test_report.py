@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fixtures_validate import crafted_report, write_json
+from helpers import crafted_report, write_json
 
 from pipeline.errors import InputError
 from pipeline.report import chart_points, load_report, pareto_front, write_report
@@ -115,7 +115,7 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
 
 
 def test_finalize_report_reapplies_gates_without_measuring(tmp_path):
-    from fixtures_validate import recipe_for
+    from helpers import recipe_for
 
     from pipeline.report import write_report
     from pipeline.runner import decide

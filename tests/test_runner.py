@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import export_only_recipe
 from filelock import FileLock
+from helpers import export_only_recipe
 
 from pipeline.config import recipe_from_dict
 from pipeline.errors import RecipeError, StageError
@@ -130,7 +130,7 @@ def test_cache_keys_cover_exactly_what_each_stage_reads(tiny_ner_model, tmp_path
     """A stage's key is built from its own section and what it declares it reads: export.parity
     re-runs export and the ONNX stages after it (their parity grid), never finetune or prune; the
     machine's INT8 capability re-runs INT8 quantization only."""
-    from fixtures_tiny import make_ner_examples, write_conll
+    from helpers import make_ner_examples, write_conll
 
     from pipeline import fingerprint
 

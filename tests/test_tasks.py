@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_tiny import make_text_examples, make_tiny_bert
+from helpers import make_text_examples, tiny_model
 
 from pipeline.data import TextExample, TokenExample
 from pipeline.errors import InputError
@@ -23,12 +23,12 @@ LABELS = ["B-LOC", "B-PER", "I-PER", "O"]
 
 @pytest.fixture(scope="module")
 def ner_dir(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("ner"), "token-classification", labels=LABELS)
+    return tiny_model(tmp_path_factory.mktemp("ner"), head="token", labels=LABELS, tokenizer="words")
 
 
 @pytest.fixture(scope="module")
 def bare_dir(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("bare"), None)
+    return tiny_model(tmp_path_factory.mktemp("bare"), head="base", tokenizer="words")
 
 
 def test_get_task_and_unsupported_tasks():

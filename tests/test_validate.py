@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from fixtures_validate import recipe_for, stage_manifests, validated_once
+from helpers import recipe_for, stage_manifests, validated_once
 from pydantic import ValidationError
 
 from pipeline.config import LatencyConfig, ValidateConfig
@@ -232,7 +232,7 @@ def test_report_files_written(ner):
 
 
 def _quick(ner, tmp_path, **validate):
-    from fixtures_validate import validate_into
+    from helpers import validate_into
 
     settings = {
         "latency": {"batch_sizes": [1], "seq_lens": [8], "warmup": 0, "iters": 2, "threads": 1},
@@ -310,7 +310,7 @@ def test_cuda_provider_really_used(ner, tmp_path):
 
 @pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
 def test_other_tasks_validate(tmp_path_factory, task):
-    from fixtures_validate import run_validation
+    from helpers import run_validation
 
     run = run_validation(
         tmp_path_factory.mktemp(task),

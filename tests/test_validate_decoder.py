@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from fixtures_decoder import held_out_texts, tiny_decoder
-from fixtures_validate import run_readme_snippet, validate_into
+from helpers import held_out_texts, run_readme_snippet, tiny_decoder, validate_into
 
 from pipeline.config import recipe_from_dict
 from pipeline.data import DataBundle, TextExample
