@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from helpers import ROOT
 
 from pipeline.cli import main
 from pipeline.zoo.tiny_decoder import build_tiny_decoder
-
-ROOT = Path(__file__).parent.parent
 
 
 def test_tiny_gpt2_recipe_runs_and_releases(tmp_path):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from pipeline.cli import main
 
-ROOT = Path(__file__).parent.parent
 BASELINE = ROOT / "tests" / "baselines" / "minilm-ner-wnut16-reduced.json"
 REDUCED = [
     "finetune.epochs=2",

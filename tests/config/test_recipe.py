@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from pipeline.config import apply_override, load_recipe
 from pipeline.errors import RecipeError
@@ -65,7 +66,7 @@ def test_override_sets_nested_fields(write_recipe):
 
 
 def test_shipped_recipes_are_valid():
-    recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
+    recipes = sorted(ROOT.glob("recipes/*.yaml"))
     assert recipes, "no recipes shipped"
     for path in recipes:
         load_recipe(path)

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from pipeline.errors import InputError
 from pipeline.model_source import RANDOM_WEIGHTS_KEY
 from pipeline.zoo import random_encoder
 from pipeline.zoo.random_encoder import SHAPE_KEY, TOKENIZER_FILES, build_random_encoder, main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,23 @@
-"""Decoder LMs: KV-cache export parity (with and without past), greedy generation, fusion, errors."""
+"""Text generation (decoder LMs): KV-cache export parity (with and without past), greedy generation,
+fusion, errors; perplexity (hand-checked cases, ONNX == PyTorch), the decode speed harness, the
+validation composition, the tiny builder and the decoder recipes."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
-from helpers import export_decoder, held_out_texts, run_decoder_stage, shared_tokenizer, tiny_decoder
+from helpers import ROOT, export_decoder, held_out_texts, run_decoder_stage, shared_tokenizer, tiny_decoder
 
 from pipeline.errors import InputError, ParityError
 
+RECIPES = ROOT / "recipes"
 ARCHS = ["gpt2", "llama"]
+
+
+# ---------------------------------------------------------------------- export, parity, generation
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -193,3 +200,176 @@ def test_qwen2_export_parity_and_generation(tmp_path_factory):
     assert past.shape[1] == 2  # KV heads, not the 4 query heads
     result = greedy_agreement(get_task("text-generation").load_model(hf), session, [[5, 17, 99, 4, 250]], 10)
     assert result["token_agreement"] == 1.0
+
+
+# ----------------------------------------- perplexity, decode timing, validation, builder, recipes
+
+
+def _uniform(vocab):
+    return lambda ids: np.zeros((1, ids.shape[1], vocab), dtype=np.float32)
+
+
+def _bigram(table):
+    """A 'model' whose next-token distribution depends on the current token only: log table[row]."""
+    log_table = np.log(table)
+    return lambda ids: log_table[ids[0]][None, :, :]
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    from pipeline.tasks.text_generation.perplexity import perplexity
+
+    result = perplexity(_uniform(50), np.arange(37) % 50, window=8, stride=3)
+    assert result["perplexity"] == pytest.approx(50.0, rel=1e-12)
+    assert result["tokens_scored"] == 36  # every token but the first, exactly once
+
+
+@pytest.mark.parametrize("window,stride", [(2, 1), (5, 2), (8, 8), (64, 32)])
+def test_perplexity_of_a_bigram_model_matches_the_hand_computation(window, stride):
+    from pipeline.tasks.text_generation.perplexity import perplexity
+
+    # Three tokens; after 0 comes 1 with p=0.5, after 1 comes 2 with p=0.25, after 2 comes 0 with p=0.8.
+    table = np.array([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]])
+    ids = np.array([0, 1, 2, 0, 1, 2, 0])
+    # By hand: 2 x (0.5 * 0.25 * 0.8) for the 6 transitions -> ppl = (0.1 ** 2) ** (-1/6).
+    expected = (0.1**2) ** (-1 / 6)
+    result = perplexity(_bigram(table), ids, window=window, stride=stride)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-9)
+    assert result["tokens_scored"] == 6
+
+
+def test_perplexity_uses_the_context_a_window_gives():
+    """A model that is certain of the next token once it sees 3 tokens (itself and 2 before), else
+    uniform: windows of 3 never give it that context, windows of 4 with stride 1 always do."""
+    from pipeline.tasks.text_generation.perplexity import perplexity
+
+    vocab = 4
+
+    def needs_context(ids):
+        logits = np.zeros((1, ids.shape[1], vocab))
+        logits[0, 2:, :] = -30.0
+        positions = np.arange(2, ids.shape[1])
+        logits[0, positions, (ids[0, positions] + 1) % vocab] = 30.0  # certain from position 2 on
+        return logits
+
+    ids = np.arange(40) % vocab
+    short = perplexity(needs_context, ids, window=3, stride=1)
+    sliding = perplexity(needs_context, ids, window=4, stride=1)
+    whole = perplexity(needs_context, ids, window=40)
+    assert short["perplexity"] == pytest.approx(4.0, rel=1e-9)
+    # Only tokens 1 and 2 are predicted without enough context: NLL 2 ln 4 over 39 tokens.
+    assert whole["perplexity"] == pytest.approx(math.exp(2 * math.log(4) / 39), rel=1e-6)
+    assert sliding["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    assert short["tokens_scored"] == sliding["tokens_scored"] == whole["tokens_scored"] == 39
+    assert sliding["windows"] == 37
+
+
+def test_perplexity_rejects_bad_input():
+    from pipeline.tasks.text_generation.perplexity import perplexity
+
+    with pytest.raises(InputError, match="at least 2 tokens"):
+        perplexity(_uniform(5), [1], window=4)
+    with pytest.raises(InputError, match="stride must be in 1..window"):
+        perplexity(_uniform(5), [1, 2, 3], window=4, stride=5)
+    with pytest.raises(InputError, match="window must be >= 2"):
+        perplexity(_uniform(5), [1, 2, 3], window=1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_onnx_and_pytorch_perplexity_agree_on_the_same_tokens(tmp_path_factory, arch):
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
+    from pipeline.tasks.text_generation.perplexity import (
+        onnx_logits_fn,
+        perplexity,
+        text_token_ids,
+        torch_logits_fn,
+    )
+
+    hf, onnx_dir = tiny_decoder(tmp_path_factory, arch)
+    ids = text_token_ids(shared_tokenizer(), held_out_texts(3), max_tokens=600)
+    torch_ppl = perplexity(torch_logits_fn(get_task("text-generation").load_model(hf)), ids, 96, 48)
+    onnx_ppl = perplexity(onnx_logits_fn(open_session(onnx_dir / "model.onnx")), ids, 96, 48)
+    assert onnx_ppl["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-5)
+    assert onnx_ppl["tokens_scored"] == torch_ppl["tokens_scored"] == ids.size - 1
+
+
+def test_decode_timing_reports_every_backend_and_context(tmp_path_factory):
+    from pipeline.bench import summarize, time_shapes
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
+
+    task = get_task("text-generation")
+    hf, onnx_dir = tiny_decoder(tmp_path_factory, "gpt2")
+    runners = {"pytorch": task.load_model(hf), "fp32": open_session(onnx_dir / "model.onnx", threads=1)}
+    times = time_shapes(
+        runners,
+        [(1, 4), (1, 16)],
+        lambda runner, batch, seq: task.timing_calls(runner, batch, seq, 1000),
+        warmup=1,
+        iters=2,
+        block=20,
+        settle=0,
+    )
+    for name in runners:
+        assert set(times[name]) == {"b1_s4", "b1_s16"}
+        calls = times[name]["b1_s16"]
+        assert set(calls) == {"prefill", "decode"} and len(calls["decode"]) == 2
+        row = task.latency_entry({c: summarize(ms, 1) for c, ms in calls.items()}, 1, 16)
+        assert row["p90_ms"] >= row["p50_ms"] > 0 and row["prompt_tokens_per_s"] > 0
+        assert row["throughput_per_s"] == pytest.approx(1e3 / row["p50_ms"], rel=1e-3)
+
+
+def test_validate_decoder_flags_random_weights(tmp_path_factory, tmp_path):
+    from pipeline.data import DataBundle, TextExample
+    from pipeline.stages.registry import run_stage
+    from pipeline.stages.validate import load_measurements
+
+    hf, onnx_dir = tiny_decoder(tmp_path_factory, "llama")
+    run_decoder_stage("quantize", {"mode": "dynamic"}, onnx_dir, tmp_path / "int8")
+    data = DataBundle.from_examples("text-generation", eval=[TextExample(t) for t in held_out_texts(3)])
+    latency = {"batch_sizes": [1], "seq_lens": [8], "warmup": 0, "iters": 1, "threads": 1}
+    run_stage(
+        "validate",
+        {"latency": latency, "measure_memory": False},
+        hf,
+        tmp_path / "measured",
+        model={"source": str(hf), "task": "text-generation"},
+        data=data,
+        variants={"fp32": (onnx_dir, []), "int8": (tmp_path / "int8", [])},
+    )
+    result = load_measurements(tmp_path / "measured")
+    assert result["settings"]["random_weights"] is True
+    assert any("random weights" in note for note in result["notes"])
+    fp32, int8 = result["variants"]["fp32"], result["variants"]["int8"]
+    assert fp32["metrics"]["perplexity"] == pytest.approx(result["baseline"]["metric"], rel=1e-5)
+    assert fp32["agreement"] == 1.0 and 0 <= int8["agreement"] <= 1
+    for entry in (result["baseline"], fp32, int8):
+        assert set(entry["latency"]) == {"b1_s8"} and entry["latency"]["b1_s8"]["prefill_ms_p50"] > 0
+    assert set(fp32["prefill_speedup_vs_pytorch"]) == {"b1_s8"}
+    json.dumps(result)  # manifest-ready
+
+
+def test_tiny_builder_records_training(tmp_path):
+    from pipeline.model_source import random_weights
+    from pipeline.zoo.tiny_decoder import build_tiny_decoder
+
+    folder = build_tiny_decoder(tmp_path / "m", "qwen2", tokenizer=shared_tokenizer(), train_steps=2)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["pipeline_train_steps"] == 2
+    assert random_weights(folder) is False
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    with pytest.raises(InputError, match="train_steps must be >= 0"):
+        build_tiny_decoder(tmp_path / "n", "gpt2", tokenizer=shared_tokenizer(), train_steps=-1)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2-offline.yaml", "gpt2.yaml", "qwen2.5-0.5b.yaml"])
+def test_decoder_recipes_pass_check(name):
+    from pipeline.config import load_recipe
+
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.model.task == "text-generation"
+    text = (RECIPES / name).read_text()
+    if name != "tiny-gpt2-offline.yaml":
+        assert text.startswith("# NEEDS A NETWORK")
+    else:
+        assert recipe.model.source.startswith("./")  # a local folder, never a hub id

@@ -9,13 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import build_bundle, crafted_report, recipe_for, run_readme_snippet, validated_once
+from helpers import ROOT, build_bundle, crafted_report, recipe_for, run_readme_snippet, validated_once
 
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.release import pick_release, verify_command, verify_release
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
