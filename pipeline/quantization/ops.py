@@ -33,7 +33,7 @@ def quantized_ops(path: Path) -> dict[str, int]:
 
 def check_quantized(config: Any, counts: dict[str, int], target: Path) -> None:
     """A quantizer that quietly quantized nothing (types not inferred, no matching ops) fails."""
-    if config.mode == "weight_only_int4":
+    if config.mode.startswith("weight_only"):
         done = counts["MatMulNBits"]
     elif config.mode == "dynamic":
         done = counts["MatMulInteger"] + counts["QAttention"] + counts["DynamicQuantizeMatMul"]

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from helpers import calibration_data, export_onnx, make_ctx, ner_sentences, tiny_model
+from helpers import NER_LABELS, calibration_data, export_onnx, make_ctx, ner_sentences, tiny_model
 from pydantic import ValidationError
 
 from pipeline.config import OptimizeConfig, QuantizeConfig
 from pipeline.data import TextExample
 from pipeline.errors import InputError, ParityError
 from pipeline.onnx.session import open_session
-from pipeline.quantization.sensitivity import output_error
+from pipeline.quantization.exclusion import greedy_exclusion, input_ranges
 from pipeline.quantization.types import default_int8_types
 from pipeline.stages.optimize import optimize
 from pipeline.stages.quantize import quantize
@@ -35,9 +35,9 @@ def _machine(base):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    plain = export_onnx(tiny_model(root / "hf", labels=5, classifier_scale=20.0), root / "onnx")
+    plain = export_onnx(tiny_model(root / "hf", labels=NER_LABELS, classifier_scale=20.0), root / "onnx")
     optimize(make_ctx(OptimizeConfig(), plain, root / "fused"))
-    hf_outlier = tiny_model(root / "hf-outlier", labels=5, classifier_scale=20.0, outlier_layer=0)
+    hf_outlier = tiny_model(root / "hf-outlier", labels=NER_LABELS, classifier_scale=20.0, outlier_layer=0)
     outlier = export_onnx(hf_outlier, root / "onnx-outlier")
     return {"plain": plain, "fused": root / "fused", "outlier": outlier}
 
@@ -91,14 +91,15 @@ def test_static_quantizes_matmuls_only(models, calibration, tmp_path, fmt):
     )
     ops, settings = metrics["quantized_ops"], metrics["settings"]
     assert settings["activation_type"] == "QUInt8" and settings["weight_type"] == "QInt8"
-    assert settings["op_types"] == ["MatMul", "Gemm"] and settings["calibration_examples"] == 24
+    # The token-embedding Gather too (quantize_embedding: on by default for static INT8).
+    assert settings["op_types"] == ["MatMul", "Gemm", "Gather"] and settings["calibration_examples"] == 24
     assert ops["MatMulInteger"] == 0
     if fmt == "QDQ":
         assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] >= WEIGHT_MATMULS
         assert ops["MatMul"] == WEIGHT_MATMULS + 4  # kept, with Q/DQ around them
     else:
         assert ops["QLinearMatMul"] == WEIGHT_MATMULS + 4 and ops["MatMul"] == 0
-    assert metrics["parity"]["argmax_agreement"] >= 0.9
+    assert metrics["parity"]["argmax_agreement"] >= 0.8  # random inputs: a sanity floor
     _runs(tmp_path / "q")
 
 
@@ -125,32 +126,114 @@ def test_calibration_is_deterministic(models, calibration, tmp_path):
     assert _sha(tmp_path / "c") != _sha(tmp_path / "a")  # the calibration data is really used
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_auto_exclusion_finds_the_outlier_matmul(models, calibration, tmp_path, mode):
-    """The outlier model has one FFN output MatMul with a huge input channel: per-tensor INT8
-    activations lose its other channels. Automatic exclusion must find it and improve parity."""
-    plain = _run(
-        QuantizeConfig(mode=mode, min_argmax_agreement=0.5), models["outlier"], tmp_path / "p", calibration
-    )
-    config = QuantizeConfig(mode=mode, min_argmax_agreement=0.5, auto_exclude={"max_nodes": 1, "samples": 12})
-    metrics = _run(config, models["outlier"], tmp_path / "a", calibration)
+def _self_labelled_tune(folder, count=24):
+    """Tune examples tagged with the fp32 model's own predictions: its F1 on them is 1.0, so any
+    F1 the quantized model loses is quantization error, not noise of a random model."""
+    from pipeline.data import TokenExample
+    from pipeline.tasks import get_task
 
+    words = [tuple(s.text.split()) for s in ner_sentences(count)]
+    untagged = [TokenExample(w, ("O",) * len(w)) for w in words]
+    task = get_task("token-classification")
+    scorer = task.onnx_scorer(folder, untagged, max_length=64)
+    scorer.score(folder / "model.onnx")
+    return [TokenExample(w, tuple(tags)) for w, tags in zip(words, scorer.reference, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def outlier_tune(models):
+    tune = _self_labelled_tune(models["outlier"])
+    assert any(tag != "O" for example in tune for tag in example.tags)  # entities to score
+    return tune
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_auto_exclusion_keeps_nodes_in_float_until_f1_holds(
+    models, calibration, outlier_tune, tmp_path, mode
+):
+    """The outlier model has one FFN output MatMul with a huge input channel: per-tensor INT8
+    activations lose its other channels, and tune F1 drops. Worst-ranked first, nodes are kept in
+    float one at a time, the model re-quantized and scored, until the drop is within the target:
+    the outlier MatMul is the node that ends the search (dynamic ranks it first; static ranks the
+    attention-probability MatMuls above it, whose exclusion does not help, and goes on)."""
+    from pipeline.data import DataBundle
+
+    data = DataBundle.from_examples(
+        "token-classification", calibration=calibration.get("calibration"), tune=outlier_tune
+    )
+    plain = _run(QuantizeConfig(mode=mode), models["outlier"], tmp_path / "p", data)
+    assert plain["tune"]["input"] == 1.0 and plain["tune"]["drop"] > 0.04  # the outlier costs F1
+
+    config = QuantizeConfig(mode=mode, auto_exclude={"max_nodes": 4, "max_metric_drop": 0.03})
+    metrics = _run(config, models["outlier"], tmp_path / "a", data)
     auto = metrics["auto_exclusion"]
     target = "/bert/encoder/layer.0/output/dense/MatMul"
-    assert auto["excluded"] == [target] == metrics["nodes_excluded"]
-    assert auto["ranking"][0]["node"] == target
-    assert auto["after"]["sqnr_db"] > auto["before"]["sqnr_db"] + 3  # measured gain, recorded
-    assert metrics["parity"]["max_abs_diff"] < plain["parity"]["max_abs_diff"]
+    ranked = [row["node"] for row in auto["ranking"]]
+    assert auto["target_met"] is True and auto["excluded"][-1] == target
+    assert auto["excluded"] == ranked[: len(auto["excluded"])] == metrics["nodes_excluded"]
+    if mode == "dynamic":
+        assert auto["excluded"] == [target]
+    steps = auto["steps"]
+    assert [step["excluded"] for step in steps] == list(range(len(auto["excluded"]) + 1))
+    assert steps[0]["drop"] == plain["tune"]["drop"]
+    assert all(step["drop"] > 0.03 for step in steps[:-1]) and steps[-1]["drop"] <= 0.03
+    assert metrics["tune"]["drop"] == steps[-1]["drop"]  # the shipped model is the one scored
     ops_key = "QuantizeLinear" if mode == "static" else "MatMulInteger"
     assert metrics["quantized_ops"][ops_key] < plain["quantized_ops"][ops_key]
     json.dumps(metrics)
 
 
-def test_auto_exclusion_stops_at_target(models, calibration, tmp_path):
-    config = QuantizeConfig(mode="dynamic", auto_exclude={"max_nodes": 3, "samples": 8, "min_sqnr_db": 0.0})
-    metrics = _run(config, models["plain"], tmp_path / "q", calibration)
-    assert metrics["auto_exclusion"]["excluded"] == [] and metrics["auto_exclusion"]["target_met"] is True
-    assert metrics["quantized_ops"]["MatMulInteger"] == WEIGHT_MATMULS
+def test_auto_exclusion_needs_a_tune_split(models, tmp_path):
+    config = QuantizeConfig(mode="dynamic", auto_exclude={"max_nodes": 1})
+    with pytest.raises(InputError, match="auto_exclude"):
+        _run(config, models["plain"], tmp_path / "q")
+
+
+def test_greedy_exclusion_stops_at_the_first_count_within_target(tmp_path):
+    drops = {0: 0.3, 1: 0.2, 2: 0.04, 3: 0.0}
+    seen = []
+
+    def quantize_fn(path, _nodes, exclude):
+        seen.append(list(exclude or []))
+        path.write_bytes(b"x")
+        return path
+
+    chosen = greedy_exclusion(
+        ["a", "b", "c", "d"],
+        quantize_fn,
+        score=lambda path: 1.0 - drops[int(path.stem.split("_")[1])],
+        drop_of=lambda metric: 1.0 - metric,
+        work=tmp_path,
+        base_exclude=["keep"],
+        max_nodes=4,
+        max_drop=0.05,
+    )
+    assert chosen["excluded"] == ["a", "b"] and chosen["target_met"] is True
+    assert seen == [["keep"], ["keep", "a"], ["keep", "a", "b"]]
+    assert [s["node"] for s in chosen["steps"]] == [None, "a", "b"]
+    assert not list(tmp_path.iterdir())  # every trial model removed
+    over = greedy_exclusion(
+        ["a", "b"],
+        quantize_fn,
+        lambda p: 0.0,
+        lambda m: 1.0,
+        tmp_path,
+        base_exclude=[],
+        max_nodes=1,
+        max_drop=0.1,
+    )
+    assert over["target_met"] is False and over["excluded"] == ["a"] and len(over["steps"]) == 2
+
+
+def test_input_ranges_rank_the_outlier_input_first(models, calibration):
+    from pipeline.quantization.calibration import calibration_feeds
+
+    source = models["outlier"] / "model.onnx"
+    feeds = calibration_feeds(calibration.get("calibration")[:6], models["outlier"], source, 64, False)
+    target = "/bert/encoder/layer.0/output/dense/MatMul"
+    other = "/bert/encoder/layer.1/output/dense/MatMul"
+    ranges = input_ranges(source, feeds, [target, other])
+    assert ranges[target] > 1.2 * ranges[other] > 0
 
 
 def test_nodes_to_exclude(models, tmp_path):
@@ -165,6 +248,29 @@ def test_weight_only_int4(models, tmp_path):
     assert metrics["quantized_ops"]["MatMulNBits"] == WEIGHT_MATMULS
     assert metrics["settings"]["block_size"] == 16
     _runs(tmp_path / "q")
+
+
+def test_weight_only_int8_gets_int8_activations_by_default(models, tmp_path):
+    """8-bit MatMulNBits with accuracy_level 4 (int8 activations per block at run time): the
+    fast CPU path; an explicit accuracy_level wins."""
+    import onnx
+
+    metrics = _run(QuantizeConfig(mode="weight_only_int8"), models["plain"], tmp_path / "q")
+    assert metrics["quantized_ops"]["MatMulNBits"] == WEIGHT_MATMULS
+    assert metrics["settings"]["bits"] == 8 and metrics["settings"]["accuracy_level"] == 4
+    nodes = [
+        n for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+    ]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attributes["bits"] == 8 and attributes["accuracy_level"] == 4
+    assert metrics["parity"]["argmax_agreement"] > 0.95  # 8-bit weights: close to fp32
+    _runs(tmp_path / "q")
+    explicit = _run(
+        QuantizeConfig(mode="weight_only_int8", accuracy_level=1), models["plain"], tmp_path / "r"
+    )
+    assert explicit["settings"]["accuracy_level"] == 1
+    with pytest.raises(ValidationError, match="int4_algorithm does not apply to mode weight_only_int8"):
+        QuantizeConfig(mode="weight_only_int8", int4_algorithm="hqq")
 
 
 def test_empty_calibration_data_is_an_input_error(models, tmp_path):
@@ -216,33 +322,13 @@ def test_no_vnni_machine_gets_reduce_range(models, tmp_path):
     assert "without VNNI" in metrics["settings"]["type_defaults"]["reason"]
 
 
-def test_output_error_figures():
-    ref = [[np.array([[1.0, 2.0, 3.0]], dtype=np.float32)]]
-    assert output_error(ref, ref)["sqnr_db"] == 200.0
-    noisy = [[np.array([[1.0, 2.0, 2.9]], dtype=np.float32)]]
-    error = output_error(ref, noisy)
-    assert error["argmax_agreement"] == 1.0 and abs(error["max_abs_diff"] - 0.1) < 1e-6
-    assert 30 < error["sqnr_db"] < 32  # 10*log10(14 / 0.01)
-    flipped = [[np.array([[1.0, 3.5, 3.0]], dtype=np.float32)]]
-    assert output_error(ref, flipped)["argmax_agreement"] == 0.0
-
-
-def test_fidelity_check_follows_the_task(models, tmp_path):
-    """Class scores: argmax agreement (default 0.9). Hidden states (feature-extraction): mean cosine
-    (default 0.98), since the argmax of an embedding is no prediction."""
-    from pipeline.tasks import get_task
-
-    def policy(task):
-        return get_task(task).quantization_policy(None, QuantizeConfig())
-
-    assert policy("token-classification").min_argmax_agreement == 0.9
-    assert policy("feature-extraction").min_argmax_agreement is None
-    assert policy("feature-extraction").min_cosine_mean == 0.98
-    assert policy("text-classification").min_cosine_mean is None
-
+def test_fidelity_is_reported_and_enforced_only_where_the_recipe_sets_a_floor(models, tmp_path):
+    """Random-input parity reports max |diff|, argmax agreement and cosine; floors are opt-in (a
+    lossy step is judged by the task metric on real data), and fail the stage when set."""
     metrics = _run(QuantizeConfig(mode="dynamic"), models["plain"], tmp_path / "ok")
     parity = metrics["parity"]
     assert 0.9 < parity["cosine_mean"] <= 1.0 and parity["cosine_min"] <= parity["cosine_mean"]
+    assert 0 < parity["argmax_agreement"] <= 1.0 and parity["max_abs_diff"] > 0
     with pytest.raises(ParityError, match="mean output cosine similarity .* below the minimum 1"):
         quantize(
             make_ctx(
