@@ -27,6 +27,11 @@ class StageError(PipelineError):
     exit_code = 1
 
 
+class OutputError(StageError):
+    """The run could not write its outputs (disk full, no permission): it stops, whichever variant
+    hit it, since every later stage would fail the same way."""
+
+
 class ParityError(StageError):
     """ONNX outputs differ from the reference beyond the tolerance: the model is not published."""
 

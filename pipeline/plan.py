@@ -25,7 +25,8 @@ class Node:
     folder: Path
     variants: list[str] = field(default_factory=list)
     key: str = ""
-    status: str = "pending"  # pending | cached | ran | skipped
+    status: str = "pending"  # pending | cached | ran | failed | skipped
+    upstream: str = ""  # fan-in nodes (validate, search): digest of what they read
     manifest: dict[str, Any] | None = None
 
     @property
@@ -47,13 +48,19 @@ class Node:
 
 @dataclass
 class Plan:
-    """The DAG of a recipe: its nodes in run order and the last node of each variant."""
+    """The DAG of a recipe: its nodes in run order and the last node of each variant (and of each
+    search candidate: chains like variants, but only the search's winner is validated)."""
 
     recipe: Recipe
     root: Path  # exported/<recipe>
     source_dir: Path
     nodes: list[Node]
     variants: dict[str, Node]
+    candidates: dict[str, Node] = field(default_factory=dict)
+
+    def candidate_only(self, node: Node) -> bool:
+        """Whether only search candidates use `node` (what the search's time budget can skip)."""
+        return bool(self.candidates) and all(name in self.candidates for name in node.variants)
 
     def finetune_node(self) -> Node | None:
         """The shared fine-tune stage, when the recipe fine-tunes."""
@@ -78,7 +85,8 @@ def build_plan(recipe: Recipe, exported: Path, source_dir: Path) -> Plan:
     by_identity: dict[str, Node] = {}
     ordered: list[Node] = []
     finals: dict[str, Node] = {}
-    for variant, steps in recipe.variants.items():
+    candidates = recipe.search_candidates()
+    for variant, steps in {**recipe.variants, **candidates}.items():
         chain: list[tuple[str, dict[str, Any]]] = []
         if recipe.finetune is not None:
             chain.append(("finetune", recipe.finetune.model_dump(mode="json")))
@@ -103,4 +111,11 @@ def build_plan(recipe: Recipe, exported: Path, source_dir: Path) -> Plan:
             parent = node
         assert parent is not None
         finals[variant] = parent
-    return Plan(recipe=recipe, root=root, source_dir=source_dir, nodes=ordered, variants=finals)
+    return Plan(
+        recipe=recipe,
+        root=root,
+        source_dir=source_dir,
+        nodes=ordered,
+        variants={name: node for name, node in finals.items() if name not in candidates},
+        candidates={name: node for name, node in finals.items() if name in candidates},
+    )

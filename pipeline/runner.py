@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 
 from pipeline import manifest as mf
 from pipeline.config import Recipe, canonical_json
-from pipeline.errors import PipelineError, RecipeError, StageError, first_line
+from pipeline.errors import OutputError, PipelineError, RecipeError, StageError, first_line
 from pipeline.plan import Node, Plan, build_plan
 from pipeline.stages.registry import StageContext, StageSpec, get_stage
 
@@ -45,6 +45,7 @@ class RunResult:
     plan: Plan
     ran: list[str]
     cached: list[str]
+    failed: dict[str, str] = field(default_factory=dict)  # variant -> error (exit code 1)
 
 
 class Runner:
@@ -94,35 +95,70 @@ class Runner:
             self.source_digest = source_digest = mf.digest_of(mf.hash_folder(source_dir))
             selected = self._selected(plan)
             ran, cached = [], []
+            self.failed: dict[str, str] = {}  # variant or candidate -> why it has no artifact
+            search_budget = self.recipe.search.max_seconds if self.recipe.search else None
+            search_spent = 0.0
+            first_error: StageError | None = None
             for index, node in enumerate(selected, 1):
                 label = f"[{index}/{len(selected)}] {node.folder.relative_to(plan.root)}"
+                broken = next((n for n in node.chain()[:-1] if n.status in ("failed", "skipped")), None)
+                if broken is not None:
+                    node.status = "skipped"
+                    continue
+                if plan.candidate_only(node) and search_budget is not None and search_spent > search_budget:
+                    node.status = "skipped"
+                    for name in node.variants:
+                        self.failed.setdefault(name, f"not built: search.max_seconds {search_budget:g} spent")
+                    continue
                 if node.parent is None:
                     input_dir, upstream = plan.source_dir, source_digest
                 else:
                     assert node.parent.manifest is not None, "parents run first"
                     input_dir, upstream = node.parent.folder, mf.digest_of(node.parent.manifest["outputs"])
-                chain = node.chain()
-                self._run_node(
-                    node, plan, input_dir, upstream, label, reference_hf_dir=_reference_hf(chain, source_dir)
-                )
+                clock = time.perf_counter()
+                try:
+                    self._run_node(
+                        node,
+                        plan,
+                        input_dir,
+                        upstream,
+                        label,
+                        reference_hf_dir=_reference_hf(node.chain(), source_dir),
+                    )
+                except OutputError:
+                    raise
+                except StageError as err:
+                    # One variant's failure (a parity error, a failed quantizer) does not stop the
+                    # others: it is reported, the run's exit code says so (1).
+                    node.status = "failed"
+                    first_error = first_error or err
+                    log.error("%s", err)
+                    for name in node.variants:
+                        self.failed.setdefault(name, str(err))
+                    continue
+                finally:
+                    if plan.candidate_only(node):
+                        search_spent += time.perf_counter() - clock
                 (ran if node.status == "ran" else cached).append(str(node.folder.relative_to(plan.root)))
+            if first_error is not None and plan.variants and all(n in self.failed for n in plan.variants):
+                raise first_error  # nothing left to validate: the run fails with the first cause
             mf.write_json(root / "variants.json", self._index(plan, selected))
-            if self.until in (None, "validate"):
+            if self.until in (None, "validate", "search"):
                 if self.recipe.data.eval is None:
                     # No labeled data, no accuracy: say so; `gate` then fails for lack of a report.
                     log.info("no data.eval in the recipe: validation, report and release skipped")
                 else:
                     self._validate_and_release(plan)
-            return RunResult(plan=plan, ran=ran, cached=cached)
+            return RunResult(plan=plan, ran=ran, cached=cached, failed=dict(self.failed))
         finally:
             lock.release()
 
     def _selected(self, plan: Plan) -> list[Node]:
-        if self.until in (None, "validate"):
+        if self.until in (None, "validate", "search"):
             return plan.nodes
         # Every node up to and including the first `until` stage of each chain.
         keep: list[Node] = []
-        for final in plan.variants.values():
+        for final in [*plan.variants.values(), *plan.candidates.values()]:
             chain = final.chain()
             stages = [n.stage for n in chain]
             if self.until not in stages:
@@ -142,10 +178,13 @@ class Runner:
         sections = {
             "export.parity": self.recipe.export.parity,
             "finetune": self.recipe.finetune,
+            "gates": self.recipe.gates,
+            "validate": self.recipe.validate_,
+            "release": self.recipe.release,
         }
         return {
             "data": {split: self.data.digest(split) for split in spec.splits(config) if self.data.has(split)},
-            "sections": {name: sections[name] for name in spec.sections},
+            "sections": {name: sections[name] for name in spec.reads(config)},
             "machine": spec.facts(config, self.machine),
         }
 
@@ -198,7 +237,7 @@ class Runner:
         try:
             tmp.mkdir(parents=True)
         except OSError as err:
-            raise StageError(f"{label}: cannot create {tmp.parent}: {err.strerror or err}") from None
+            raise OutputError(f"{label}: cannot create {tmp.parent}: {err.strerror or err}") from None
         started, clock = datetime.now(timezone.utc), time.perf_counter()
         context = StageContext(
             config=config,
@@ -254,7 +293,7 @@ class Runner:
         except OSError as err:  # disk full, permissions: say which file, keep the old output
             shutil.rmtree(tmp, ignore_errors=True)
             where = f" {err.filename}" if err.filename else ""
-            raise StageError(f"{label}: {node.stage} could not write{where}: {err.strerror or err}") from err
+            raise OutputError(f"{label}: {node.stage} could not write{where}: {err.strerror or err}") from err
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StageError(
@@ -274,20 +313,18 @@ class Runner:
         from pipeline.stages.validate import load_measurements
 
         root = plan.root
-        variants = {v: (n.folder, [m.manifest for m in n.chain()]) for v, n in plan.variants.items()}
-        baseline = plan.finetune_node()
-        upstream = mf.sha256_text(
-            canonical_json(
-                {
-                    "baseline": mf.digest_of(baseline.manifest["outputs"])
-                    if baseline
-                    else self.source_digest,
-                    "variants": {v: mf.digest_of(n.manifest["outputs"]) for v, n in plan.variants.items()},
-                }
-            )
-        )
-        node = Node("validate", self.recipe.validate_.model_dump(mode="json"), None, root / "validate")
-        node.variants = list(plan.variants)
+        built = {v: n for v, n in plan.variants.items() if n.manifest is not None and v not in self.failed}
+        search = self._search(plan) if self.recipe.search is not None else None
+        if self.until == "search":
+            return
+        if search is not None and search["winner"]:
+            built[search["winner"]] = plan.candidates[search["winner"]]
+        if not built:
+            raise StageError(f"validate: no variant of recipe {self.recipe.name!r} was built: {self.failed}")
+        variants = {v: (n.folder, [m.manifest for m in n.chain()]) for v, n in built.items()}
+        node = self._fan_in_node("validate", self.recipe.validate_.model_dump(mode="json"), plan, built)
+        if self.failed:
+            self.notes = [*self.notes, *(f"{v}: not validated: {why}" for v, why in self.failed.items())]
         decision_key = mf.sha256_text(
             canonical_json(
                 {
@@ -301,7 +338,7 @@ class Runner:
             node,
             plan,
             plan.baseline_dir(),
-            upstream,
+            node.upstream,
             "validation measurements",
             variants=variants,
             force=self.revalidate,
@@ -325,10 +362,59 @@ class Runner:
         report = decide(
             self.recipe, load_measurements(node.folder), node.key, decision_key, measured_at, self.notes
         )
+        if search is not None:
+            report["search"] = search
+        report["failed_variants"] = dict(self.failed)
         _write_report_files(report, root)
         if self.until == "validate":
             return
         self._release(plan, report, variants)
+
+    def _fan_in_node(self, stage: str, config: dict[str, Any], plan: Plan, chains: dict[str, Node]) -> Node:
+        """A node reading the final artifacts of `chains` (and the baseline): validate, search."""
+        baseline = plan.finetune_node()
+        node = Node(stage, config, None, plan.root / stage)
+        node.variants = list(chains)
+        node.upstream = mf.sha256_text(
+            canonical_json(
+                {
+                    "baseline": mf.digest_of(baseline.manifest["outputs"])
+                    if baseline
+                    else self.source_digest,
+                    "variants": {v: mf.digest_of(n.manifest["outputs"]) for v, n in chains.items()},
+                }
+            )
+        )
+        return node
+
+    def _search(self, plan: Plan) -> dict[str, Any]:
+        """The search stage over the candidates that were built; its trail, with the others named."""
+        from pipeline.stages.search import load_trail
+
+        built = {v: n for v, n in plan.candidates.items() if n.manifest is not None and v not in self.failed}
+        not_built = {v: self.failed.get(v, "not built") for v in plan.candidates if v not in built}
+        for name in plan.candidates:
+            self.failed.pop(name, None)  # candidates are reported in the search trail, not as variants
+        if not built:
+            return {
+                "winner": None,
+                "reason": "no candidate was built",
+                "candidates": {},
+                "not_built": not_built,
+            }
+        node = self._fan_in_node(
+            "search", self.recipe.search.model_dump(mode="json", by_alias=True), plan, built
+        )
+        self._run_node(
+            node,
+            plan,
+            plan.baseline_dir(),
+            node.upstream,
+            "search",
+            variants={v: (n.folder, [m.manifest for m in n.chain()]) for v, n in built.items()},
+            force=self.revalidate,
+        )
+        return {**load_trail(node.folder), "not_built": not_built}
 
     def _release(self, plan: Plan, report: dict[str, Any], variants: dict[str, Any]) -> None:
         from pipeline.release import build_release

@@ -188,3 +188,35 @@ def test_cache_keys_cover_exactly_what_each_stage_reads(tiny_ner_model, tmp_path
     monkeypatch.setattr(fingerprint, "machine_fingerprint", lambda: {**real, "flags": flags})
     moved = _run(changed, exported)
     assert sorted(moved.ran) == ["ffn50/quantize", "int8/quantize"]
+
+
+def test_one_failing_variant_does_not_stop_the_others(tiny_ner_model, tmp_path, capsys, write_recipe):
+    """A variant whose stage fails (here: quantization beyond its parity_atol) is reported and has
+    no artifact; the other variants are built; the run exits 1 naming it. When every variant
+    fails, the run fails with the first cause."""
+    from pipeline.cli import main
+    from pipeline.errors import ParityError
+
+    document = export_only_recipe(tiny_ner_model)
+    document["variants"] = {
+        "fp32": [],
+        "too-strict": [{"quantize": {"mode": "dynamic", "parity_atol": 1e-9}}],
+        "int8": [{"quantize": {"mode": "dynamic"}}],
+    }
+    exported = tmp_path / "exported"
+    result = _run(document, exported)
+    assert set(result.failed) == {"too-strict"} and "exceeds atol" in result.failed["too-strict"]
+    assert "int8/quantize" in result.ran
+    assert not (exported / "tiny" / "too-strict" / "quantize").exists()  # nothing published
+    assert not list((exported / "tiny").rglob(".tmp-*"))
+    index = json.loads((exported / "tiny" / "variants.json").read_text())["variants"]
+    assert index["int8"]["artifact"] == "int8/quantize"
+
+    path = write_recipe(document)
+    assert main(["run", str(path), "--exported", str(exported)]) == 1
+    err = capsys.readouterr().err
+    assert "error: variant too-strict failed: " in err and "exceeds atol" in err
+
+    document["variants"] = {"too-strict": document["variants"]["too-strict"]}
+    with pytest.raises(ParityError, match="exceeds atol"):
+        _run(document, tmp_path / "other")

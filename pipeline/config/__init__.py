@@ -23,7 +23,8 @@ from pipeline.config.recipe import (
     recipe_from_dict,
 )
 from pipeline.config.release import ReleaseConfig
-from pipeline.config.validate import CPU, LatencyConfig, ValidateConfig
+from pipeline.config.search import SearchConfig, SearchTimingConfig
+from pipeline.config.validate import CPU, GenerationConfig, LatencyConfig, ValidateConfig
 
 __all__ = [
     "CPU",
@@ -35,6 +36,7 @@ __all__ = [
     "ExportConfig",
     "FinetuneConfig",
     "GatesConfig",
+    "GenerationConfig",
     "LatencyConfig",
     "ModelSpec",
     "OptimizeConfig",
@@ -44,6 +46,8 @@ __all__ = [
     "Recipe",
     "ReleaseConfig",
     "SampleSpec",
+    "SearchConfig",
+    "SearchTimingConfig",
     "SplitSpec",
     "Step",
     "StrictModel",

@@ -24,11 +24,12 @@ from pipeline.config.data import DataConfig
 from pipeline.config.export import ExportConfig
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.config.gates import GatesConfig
-from pipeline.config.model import TRAINABLE_TASKS, ModelSpec
+from pipeline.config.model import DEFAULT_RELATIVE_DROP, TRAINABLE_TASKS, ModelSpec
 from pipeline.config.optimize import OptimizeConfig
 from pipeline.config.prune import PruneConfig
 from pipeline.config.quantize import QuantizeConfig
 from pipeline.config.release import ReleaseConfig
+from pipeline.config.search import SearchConfig
 from pipeline.config.validate import ValidateConfig
 from pipeline.errors import RecipeError
 
@@ -69,6 +70,11 @@ class Recipe(StrictModel):
     validate_: ValidateConfig = Field(
         default_factory=ValidateConfig, alias="validate", description="Accuracy and speed checks."
     )
+    search: SearchConfig | None = Field(
+        None,
+        description="Search for the fastest model within the accuracy budget (pruning x quantization "
+        "candidates scored on the tune split); the winner is validated like a variant.",
+    )
     gates: GatesConfig = Field(default_factory=GatesConfig, description="CI limits.")
     release: ReleaseConfig = Field(default_factory=ReleaseConfig, description="Release pick.")
 
@@ -98,11 +104,8 @@ class Recipe(StrictModel):
                 if step.stage == "prune" and seen_onnx:
                     raise ValueError(f"variants.{name}: prune must come before optimize/quantize")
                 seen_onnx = seen_onnx or step.stage != "prune"
-        needs_train = self.finetune is not None or any(
-            s.stage == "prune" and s.config.get("recover_epochs", 0)
-            for v in self.variants.values()
-            for s in v
-        )
+        chains = {**self.variants, **self.search_candidates()}
+        needs_train = self.trains()
         if self.finetune is not None and self.model.task not in TRAINABLE_TASKS:
             raise ValueError(
                 f"finetune: a {self.model.task} model cannot be fine-tuned here; remove the finetune "
@@ -112,14 +115,68 @@ class Recipe(StrictModel):
             raise ValueError("export.parity.past_lens: applies to text-generation models only")
         if needs_train and self.data.train is None:
             raise ValueError("data.train: required by finetune / pruning recovery, but missing")
-        for name, steps in self.variants.items():
+        gates = self.gates
+        if (
+            gates.max_metric_drop is None
+            and gates.max_metric_drop_relative is None
+            and not gates.allow_any_metric_drop
+        ):
+            # The task's default limit becomes part of the recipe as applied (reports show it).
+            default = {"max_metric_drop_relative": DEFAULT_RELATIVE_DROP[self.model.task]}
+            object.__setattr__(self, "gates", gates.model_copy(update=default))
+        self._check_search()
+        for name, steps in chains.items():
             for index, step in enumerate(steps):
                 config = STEP_CONFIGS[step.stage].model_validate(step.config)
                 problem = getattr(config, "problem_for_task", lambda task: None)(self.model.task)
                 if problem:
                     raise ValueError(f"variants.{name}.{index}.{step.stage}.{problem}")
+                auto = getattr(config, "auto_exclude", None)
+                if auto is not None:
+                    where = f"variants.{name}.{index}.quantize.auto_exclude"
+                    if self.data.tune is None:
+                        raise ValueError(f"{where}: scores its choices on data.tune, which is not configured")
+                    if auto.max_metric_drop is None and self.gates.allow_any_metric_drop:
+                        raise ValueError(
+                            f"{where}.max_metric_drop: no target (gates.allow_any_metric_drop); set one"
+                        )
         self._check_decision_settings()
         return self
+
+    def trains(self) -> bool:
+        """Whether a stage learns from data.train's labels (the fine-tune, a pruning recovery);
+        otherwise train can only feed a drawn split such as calibration."""
+        chains = {**self.variants, **self.search_candidates()}
+        return self.finetune is not None or any(
+            s.stage == "prune" and s.config.get("recover_epochs", 0) for v in chains.values() for s in v
+        )
+
+    def search_candidates(self) -> dict[str, list[Step]]:
+        """The search's candidate chains (name -> steps), cheapest first; empty without a search."""
+        if self.search is None:
+            return {}
+        return {name: [Step(**s) for s in steps] for name, steps in self.search.candidates().items()}
+
+    def _check_search(self) -> None:
+        search = self.search
+        if search is None:
+            return
+        if self.data.tune is None:
+            raise ValueError("search: scores its candidates on data.tune, which is not configured")
+        if self.data.eval is None:
+            raise ValueError("search: validates its winner on data.eval, which is not configured")
+        if search.max_metric_drop is None and self.gates.allow_any_metric_drop:
+            raise ValueError("search.max_metric_drop: no budget (gates.allow_any_metric_drop); set one")
+        clash = sorted(set(self.variants) & set(search.candidates()))
+        if clash:
+            raise ValueError(f"variants: {', '.join(clash)} is the name of a search candidate; rename it")
+        latency = self.validate_.latency
+        measured = {shape_key(b, s) for b in latency.batch_sizes for s in latency.seq_lens}
+        if search.rank_at is not None and search.rank_at not in measured:
+            raise ValueError(
+                f"search.rank_at: {search.rank_at!r} is not a measured shape; validate.latency gives "
+                f"{', '.join(sorted(measured))}"
+            )
 
     def _check_decision_settings(self) -> None:
         """gates / release refer to shapes that validate measures and to variants that exist."""
@@ -227,7 +284,15 @@ def recipe_from_dict(document: Any, source: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(document)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"] if p != "validate_") or "(top level)"
+        # repr() for a key that is not a plain word (a newline in a key would break the one line).
+        loc = (
+            ".".join(
+                str(p) if str(p).isprintable() and str(p).strip() == str(p) and str(p) else repr(p)
+                for p in first["loc"]
+                if p != "validate_"
+            )
+            or "(top level)"
+        )
         if first["loc"] and first["loc"][0] == "validate_":
             loc = "validate" + loc.removeprefix("validate")
         described = _describe(first)

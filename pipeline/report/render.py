@@ -63,6 +63,7 @@ def _context(report: dict[str, Any]) -> dict[str, Any]:
         "summary": tables.summary_rows(report),
         "latency": tables.latency_rows(report),
         "gates": tables.gate_rows(report) if report.get("gates") else None,
+        "search": tables.search_rows(report),
         "providers": tables.provider_lines(report),
         "notes": notes,
         "classification": classification,

@@ -150,3 +150,43 @@ def _speedup(ratio: float | None, interval: list[float] | None) -> str:
     if ratio is None:
         return "-"
     return f"{ratio:.2f}x" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def search_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The search trail: every candidate tried (tune metric, drop, speed, cost), then those not built."""
+    search = report.get("search")
+    if not search:
+        return None
+    keys = latency_keys(report)
+    header = [
+        "candidate",
+        "steps",
+        f"{search.get('metric_name', 'metric')} (tune)",
+        "drop",
+        "within budget",
+        *[f"p50 ms {k}" for k in keys],
+        *[f"speed-up {k}" for k in keys],
+        "cost s",
+    ]
+    rows = []
+    for name, entry in (search.get("candidates") or {}).items():
+        rows.append(
+            [
+                name + (" (winner)" if name == search.get("winner") else ""),
+                " -> ".join(entry.get("steps") or []) or "-",
+                num(entry.get("metric")),
+                num(entry.get("drop")),
+                "yes" if entry.get("within_budget") else "no",
+                *[num((entry.get("latency_p50_ms") or {}).get(k), 2) for k in keys],
+                *[
+                    _speedup(
+                        (entry.get("speedup_vs_pytorch") or {}).get(k), (entry.get("speedup_ci") or {}).get(k)
+                    )
+                    for k in keys
+                ],
+                num(entry.get("cost_s"), 1),
+            ]
+        )
+    for name, why in (search.get("not_built") or {}).items():
+        rows.append([name, why, *["-"] * (len(header) - 2)])
+    return header, rows

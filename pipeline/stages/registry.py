@@ -4,7 +4,8 @@ A stage reads files, writes files into an empty folder, and returns metrics. The
 stage) does caching, manifests and atomic publication. A stage receives its own section plus what
 it declares it reads, and nothing else, so that its cache key can be built from exactly that:
 - `data_splits`: the data splits it reads (or a function of its config returning them);
-- `sections`: other recipe sections it reads (e.g. "export.parity" for its parity shapes);
+- `sections`: other recipe sections it reads (e.g. "export.parity" for its parity shapes), or a
+  function of its config returning them;
 - `machine_facts`: a function of (config, machine fingerprint) returning the machine facts its
   output depends on (e.g. the INT8 types this CPU runs fast), or None.
 The model section (task, max_length, trust_remote_code) is read by every stage.
@@ -35,7 +36,7 @@ from pipeline.errors import RecipeError
 
 ArtifactKind = Literal["hf", "onnx", "variants", "report"]
 # Recipe sections a stage may declare it reads besides its own.
-SECTIONS = ("export.parity", "finetune")
+SECTIONS = ("export.parity", "finetune", "gates", "validate", "release")
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,17 @@ class StageSpec:
     consumes: ArtifactKind
     produces: ArtifactKind
     data_splits: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
-    sections: tuple[str, ...] = ()
+    sections: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     machine_facts: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
     description: str = ""
 
     def splits(self, config: BaseModel) -> tuple[str, ...]:
         """The data splits this stage reads with `config`."""
         return tuple(self.data_splits(config) if callable(self.data_splits) else self.data_splits)
+
+    def reads(self, config: BaseModel) -> tuple[str, ...]:
+        """The other recipe sections this stage reads with `config`."""
+        return tuple(self.sections(config) if callable(self.sections) else self.sections)
 
     def facts(self, config: BaseModel, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """The machine facts this stage's output depends on with `config`."""
@@ -93,6 +98,7 @@ _STAGE_MODULES = (
     "pipeline.stages.export",
     "pipeline.stages.optimize",
     "pipeline.stages.quantize",
+    "pipeline.stages.search",
     "pipeline.stages.validate",
 )
 
@@ -104,11 +110,11 @@ def stage(
     consumes: ArtifactKind,
     produces: ArtifactKind,
     data_splits: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = (),
-    sections: tuple[str, ...] = (),
+    sections: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = (),
     machine_facts: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Callable[[StageFn], StageFn]:
     """Register `fn` as the stage `name`."""
-    unknown = [s for s in sections if s not in SECTIONS]
+    unknown = [s for s in (() if callable(sections) else sections) if s not in SECTIONS]
     if unknown:
         raise ValueError(f"stage {name!r}: unknown sections {unknown}; known: {SECTIONS}")
 
@@ -189,7 +195,7 @@ def run_stage(
         output_dir=Path(output_dir),
         data=bundle.view(spec.splits(config)),
         machine=spec.facts(config, fingerprint or machine_fingerprint()),
-        sections={section: given.get(section) for section in spec.sections},
+        sections={section: given.get(section) for section in spec.reads(config)},
         log=log or logging.getLogger("pipeline"),
         reference_hf_dir=reference_hf_dir,
         variants=variants or {},
