@@ -102,6 +102,21 @@ def evaluate_variant(gates: GatesConfig, report: dict[str, Any], name: str) -> l
                 f"vs PyTorch {_fmt(report['baseline'].get('metric'))}",
             )
         )
+    if gates.max_metric_drop_relative is not None:
+        drop, base = variant.get("metric_drop"), report["baseline"].get("metric")
+        relative = drop / abs(base) if drop is not None and base else None
+        results.append(
+            GateResult(
+                name,
+                "max_metric_drop_relative",
+                relative is not None
+                and math.isfinite(relative)
+                and relative <= gates.max_metric_drop_relative + 1e-12,
+                None if relative is None else round(float(relative), 6),
+                gates.max_metric_drop_relative,
+                f"{metric_name} {_fmt(variant.get('metric'))} vs PyTorch {_fmt(base)} (drop / baseline)",
+            )
+        )
     if gates.min_speedup_vs_pytorch is not None:
         results.append(_speedup_check(gates, report, name, variant))
     if gates.max_model_bytes is not None:

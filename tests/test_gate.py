@@ -237,3 +237,60 @@ def test_main_gate_fails_without_a_release(tmp_path, capsys):
     recipe = _setup(tmp_path, {}, report)
     assert main(["gate", str(recipe), "--exported", str(tmp_path / "exported")]) == 3
     assert "FAIL release/exists: n/a - no variant passes all gates: int8: too slow" in capsys.readouterr().out
+
+
+def test_speed_gate_decides_on_the_interval_and_exits_4_when_it_cannot(tmp_path, capsys):
+    """Pass only when the whole confidence interval clears the limit; an interval straddling it, or
+    a shape whose timing was interfered with, is inconclusive: exit 4, a JUnit <error>, not a pass
+    and not a regression."""
+    gates = {"max_metric_drop": 0.01, "min_speedup_vs_pytorch": 4.0, "apply_to": ["int8"]}
+    exported = ["--exported", str(tmp_path / "exported")]
+
+    def gate_with(intervals, quality=None):
+        report = crafted_report()
+        report["variants"]["int8"]["speedup_ci"] = intervals
+        if quality:
+            report["settings"]["timing_quality"] = quality
+        recipe = _setup(tmp_path, gates, report)
+        junit = tmp_path / "j.xml"
+        code = main(["gate", str(recipe), *exported, "--junit", str(junit)])
+        return code, capsys.readouterr().out, ET.parse(junit).getroot()
+
+    clear = {"b1_s64": [6.2, 7.1], "b8_s64": [4.6, 5.4]}
+    code, out, _ = gate_with(clear)
+    assert code == 0 and "PASS int8/min_speedup_vs_pytorch" in out and "b8_s64 5.00x [4.60, 5.40]" in out
+
+    straddles = {"b1_s64": [6.2, 7.1], "b8_s64": [3.8, 5.4]}
+    code, out, junit = gate_with(straddles)
+    assert code == 4 and "1 inconclusive (re-run on a quiet machine)" in out
+    assert junit.get("errors") == "1" and junit.get("failures") == "0"
+    assert junit.find(".//error").get("type") == "GateInconclusive"
+
+    below = {"b1_s64": [6.2, 7.1], "b8_s64": [3.1, 3.9]}
+    assert gate_with(below)[0] == 3  # entirely below the limit: a failure
+
+    disturbed = {"b8_s64": {"rounds": 3, "interfered": True, "reasons": ["other processes used 1.2 cores"]}}
+    code, out, _ = gate_with(clear, disturbed)
+    assert code == 4 and "timing interfered with: other processes used 1.2 cores" in out
+
+
+def test_a_recipe_without_an_accuracy_limit_gets_the_tasks_relative_default():
+    from pipeline.config.model import DEFAULT_RELATIVE_DROP
+
+    recipe = make_recipe()
+    assert recipe.gates.max_metric_drop is None
+    assert recipe.gates.max_metric_drop_relative == DEFAULT_RELATIVE_DROP["token-classification"] == 0.02
+    # crafted int8: f1 0.412 vs 0.42, a relative drop of 0.019: within 2%, not within 1%.
+    assert by_name(evaluate_variant(recipe.gates, crafted_report(), "int8"))[
+        "int8/max_metric_drop_relative"
+    ].passed
+    tighter = GatesConfig(max_metric_drop_relative=0.01)
+    (result,) = evaluate_variant(tighter, crafted_report(), "int8")
+    assert result.check == "max_metric_drop_relative" and not result.passed and result.value == 0.019048
+    # allowed_drop: the tighter of the absolute and relative limits, in metric units.
+    assert GatesConfig(max_metric_drop=0.05, max_metric_drop_relative=0.1).allowed_drop(
+        0.42
+    ) == pytest.approx(0.042)
+    assert GatesConfig(max_metric_drop=0.01).allowed_drop(0.42) == 0.01
+    free = make_recipe(allow_any_metric_drop=True)
+    assert free.gates.max_metric_drop_relative is None and free.gates.allowed_drop(0.42) == float("inf")

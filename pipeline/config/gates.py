@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -17,6 +18,18 @@ class GatesConfig(StrictModel):
         ge=0,
         description="Largest allowed absolute drop of the headline metric (validate.metric) vs the "
         "PyTorch fp32 baseline on the same eval examples, e.g. 0.01 = one point of F1.",
+    )
+    max_metric_drop_relative: float | None = Field(
+        None,
+        ge=0,
+        description="Largest allowed drop of the headline metric as a fraction of the PyTorch fp32 "
+        "baseline's, e.g. 0.03 = perplexity at most 3% higher. When neither this nor max_metric_drop "
+        "is set, the task's default applies (see model.py DEFAULT_RELATIVE_DROP) unless "
+        "allow_any_metric_drop says otherwise: nothing lossy is released unchecked.",
+    )
+    allow_any_metric_drop: bool = Field(
+        False,
+        description="Release without any accuracy limit (no default relative drop). Off unless said here.",
     )
     min_speedup_vs_pytorch: float | None = Field(
         None,
@@ -60,6 +73,16 @@ class GatesConfig(StrictModel):
         description="With --baseline: largest allowed relative decrease of a speed-up ratio vs the old "
         "report, per shape (0.25 = new ratio >= 75% of the old one). Ratios, never absolute times.",
     )
+
+    def allowed_drop(self, reference: float) -> float:
+        """The largest absolute drop of the headline metric from `reference` these gates accept
+        (the tighter of the absolute and relative limits; inf when neither is set)."""
+        limits = [math.inf]
+        if self.max_metric_drop is not None:
+            limits.append(self.max_metric_drop)
+        if self.max_metric_drop_relative is not None:
+            limits.append(self.max_metric_drop_relative * abs(reference))
+        return min(limits)
 
     @field_validator("speedup_at")
     @classmethod

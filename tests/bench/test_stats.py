@@ -1,0 +1,74 @@
+"""Speed-up intervals (paired bootstrap over interleaved turns), verdicts, interference detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.bench.interference import disturbed, implausible_orderings
+from pipeline.bench.stats import ratio_interval, turn_medians, turn_spread, verdict
+
+
+class _Monitor:
+    def __init__(self, other_cores):
+        self.other_cores, self.steal_cores = other_cores, 0.0
+
+
+def _series(medians, block, jitter=0.01, seed=0):
+    """`block` runs per turn around each turn's median (a little noise)."""
+    rng = np.random.default_rng(seed)
+    return [float(m * (1 + jitter * rng.standard_normal())) for m in medians for _ in range(block)]
+
+
+def test_turns_and_spread():
+    times = [1, 1, 1, 2, 2, 2, 4]
+    assert turn_medians(times, 3) == [1.0, 2.0, 4.0]
+    assert turn_spread(times, 3) == 4.0
+    assert turn_spread([5.0] * 6, 3) == 1.0
+
+
+def test_interval_holds_the_true_ratio_and_narrows_with_a_steady_machine():
+    block = 10
+    ref = _series([10.0] * 8, block, seed=1)
+    cand = _series([5.0] * 8, block, seed=2)
+    steady = ratio_interval(ref, cand, block)
+    assert steady["turns"] == 8 and steady["low"] <= 2.0 <= steady["high"]
+    assert steady["high"] - steady["low"] < 0.05
+    # The machine drifts between rounds (both candidates alike within a round, not alike across).
+    drift = [10.0, 14.0, 9.0, 16.0, 10.0, 13.0, 9.5, 15.0]
+    ratio_drift = [1.0, 1.3, 0.8, 1.4, 1.0, 1.2, 0.9, 1.5]  # the candidate suffers more in slow rounds
+    ref_d = _series(drift, block, seed=3)
+    cand_d = _series([d / 2 * r for d, r in zip(drift, ratio_drift, strict=True)], block, seed=4)
+    drifting = ratio_interval(ref_d, cand_d, block)
+    assert drifting["high"] - drifting["low"] > 5 * (steady["high"] - steady["low"])
+    assert ratio_interval(ref, cand, block) == steady  # seeded: the same report twice
+
+
+def test_one_turn_has_no_interval_to_resample():
+    single = ratio_interval([4.0, 4.0], [2.0, 2.0], block=10)
+    assert single == {"ratio": 2.0, "low": 2.0, "high": 2.0, "confidence": 0.95, "turns": 1}
+    with pytest.raises(ValueError, match="no timings"):
+        ratio_interval([], [], block=10)
+
+
+def test_verdict_passes_fails_or_says_it_cannot_tell():
+    assert verdict({"low": 1.6, "high": 2.0}, 1.5) == "pass"
+    assert verdict({"low": 1.0, "high": 1.4}, 1.5) == "fail"
+    assert verdict({"low": 1.4, "high": 1.7}, 1.5) == "inconclusive"  # straddles the limit
+    assert verdict({"low": 3.0, "high": 3.1}, 1.5, interfered=True) == "inconclusive"
+    assert verdict(None, 1.5) == "inconclusive"
+
+
+def test_a_round_is_disturbed_by_other_processes_or_jumpy_turns():
+    assert disturbed(_Monitor(0.1), {"a": 1.1}, max_other_cpu=0.25, max_turn_spread=1.5) == []
+    busy = disturbed(_Monitor(0.9), {"a": 1.1}, max_other_cpu=0.25, max_turn_spread=1.5)
+    assert busy == ["other processes used 0.90 cores while timing (limit 0.25)"]
+    jumpy = disturbed(_Monitor(None), {"a": 1.1, "b": 2.0}, max_other_cpu=0.25, max_turn_spread=1.5)
+    assert jumpy == ["turn medians of b spread 2.00x (limit 1.5x)"]
+
+
+def test_a_smaller_batch_cannot_take_longer():
+    p50 = {"x": {(1, 64): 30.0, (8, 64): 20.0, (8, 128): 10.0}, "y": {(1, 64): 5.0, (8, 64): 20.0}}
+    assert implausible_orderings(p50) == [
+        "x: 30.00 ms at b1_s64 > 20.00 ms at b8_s64 (a smaller batch cannot take longer)"
+    ]
