@@ -44,7 +44,8 @@ def preflight(recipe: Recipe, source_dir: Path, data: Any, task: Any) -> list[st
                 f"{task.name} head; add a finetune section to train one"
             )
         id2label = config.get("id2label") or {}
-        for split in ("eval", "train"):
+        # train's labels matter only where a stage learns from them (a pruning recovery).
+        for split in ("eval", "tune", "train") if recipe.trains() else ("eval", "tune"):
             if data.has(split):
                 task.check_labels(id2label, data.get(split), where=f"data.{split}")
     _check_steps(recipe, model_type)

@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CLS_LABELS, NER_LABELS, tiny_model
+from helpers import CLS_LABELS, NER_LABELS, WNUT_LABELS, tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_ner_model(tmp_path_factory) -> Path:
     """A random-weight BERT token classifier (NER_LABELS) with the real MiniLM tokenizer."""
     return tiny_model(tmp_path_factory.mktemp("tiny-ner") / "model", head="token", labels=NER_LABELS)
+
+
+@pytest.fixture(scope="session")
+def tiny_wnut_model(tmp_path_factory) -> Path:
+    """A random-weight BERT token classifier with every WNUT-16 tag (scored on the packaged file
+    without fine-tuning) and the real MiniLM tokenizer."""
+    return tiny_model(tmp_path_factory.mktemp("tiny-wnut") / "model", head="token", labels=WNUT_LABELS)
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,9 @@ WORD_VOCAB = word_vocab(WORDS, extra=list(string.digits) + list(".,!?'-#@:"))
 PRUNE_VOCAB = word_vocab(PRUNE_WORDS)
 
 NER_LABELS = ["O", "B-person", "I-person", "B-geo-loc", "I-geo-loc"]  # tiny_ner_model (WNUT-16 names)
+# Every tag of the packaged WNUT-16 file: a model scored on it without fine-tuning needs them all.
+WNUT_TYPES = ["company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product"]
+WNUT_LABELS = ["O", *(f"{p}-{t}" for t in [*WNUT_TYPES, "sportsteam", "tvshow"] for p in "BI")]
 CLS_LABELS = ["neg", "pos"]
 VALIDATE_NER_LABELS = ["O", "B-LOC", "B-PER"]  # the tags make_ner_examples produces
 PRUNE_LABELS = ["O", "B-loc", "I-loc", "B-person", "I-person"]  # the tags prune_ner_examples produces

@@ -18,6 +18,7 @@ from pipeline.cli import main
 BASELINE = ROOT / "tests" / "baselines" / "minilm-ner-wnut16-reduced.json"
 REDUCED = [
     "finetune.epochs=2",
+    "search=null",  # the search (pruning with recovery) is exercised on a tiny model (tests/stages)
     "variants={fp32: [], int8-dynamic: [{quantize: {mode: dynamic, per_channel: true}}]}",
     "validate.latency={batch_sizes: [1, 8], seq_lens: [64], warmup: 3, iters: 40, block: 20, threads: 1}",
     # Ratios from a 1-thread, interleaved run on a noisy 2-core machine: wide tolerance, on purpose.

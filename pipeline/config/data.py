@@ -47,7 +47,8 @@ class SplitSpec(StrictModel):
 
 
 class SampleSpec(StrictModel):
-    """Examples drawn with a seed from another split (kept in their original order)."""
+    """Examples drawn with a seed from another split (kept in their original order). Drawn from
+    train or tune, examples equal to an eval example (same content) are left out of the draw."""
 
     from_split: Literal["train", "tune", "eval"] = Field(
         "train", alias="from", description="Split the examples are drawn from."
@@ -86,7 +87,8 @@ class DataConfig(StrictModel):
     tune: SourceOrSample | None = Field(
         None,
         description="Examples automatic choices are scored on (node exclusion, search, the fine-tune's "
-        "best epoch): its own source/format/split, or {from: train, samples, seed}. Disjoint from eval. "
+        "best epoch): its own source/format/split, or {from: train, samples, seed} (then held out of "
+        "train). Disjoint from eval. "
         "Without it the fine-tune keeps its best epoch on eval and the report says so.",
     )
     calibration: SourceOrSample = Field(

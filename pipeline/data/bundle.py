@@ -128,11 +128,34 @@ class DataBundle:
         if isinstance(spec, SampleSpec):
             if not self.has(spec.from_split):
                 raise InputError(f"data.{split}: draws from data.{spec.from_split}, which is not configured")
-            return draw_sample(self.get(spec.from_split), spec.samples, spec.seed)
+            # tune is drawn from train as read (train then leaves those examples out).
+            pool = self._source("train") if split == "tune" else self.get(spec.from_split)
+            if spec.from_split != "eval" and self.has("eval"):
+                # Duplicates are common in real corpora (a retweet in train and in eval): a drawn
+                # split leaves out examples equal to an eval example, so it never measures eval.
+                held_out = {example_digest(e) for e in self.get("eval")}
+                pool = [e for e in pool if example_digest(e) not in held_out]
+            return draw_sample(pool, spec.samples, spec.seed)
         if spec is None:
             raise InputError(f"data.{split}: not configured")
-        assert self.task is not None
-        return load_split(spec, self.task, base_dir=self.base_dir, name=split)
+        if split == "train" and isinstance(self.data.tune, SampleSpec):
+            # A tune split drawn from train is held out of it: the fine-tune's best epoch is chosen
+            # on examples it did not learn from.
+            tune = {id(e) for e in self.get("tune")}
+            kept = [e for e in self._source("train") if id(e) not in tune]
+            if not kept:
+                raise InputError(f"data.tune: its {len(tune)} examples take all of data.train")
+            return kept
+        return self._source(split)
+
+    def _source(self, split: str) -> list[Example]:
+        """The split as its own source gives it (read once)."""
+        key = f"{split}:source"
+        if key not in self._cache:
+            assert self.task is not None and self.data is not None
+            spec = getattr(self.data, split)
+            self._cache[key] = load_split(spec, self.task, base_dir=self.base_dir, name=split)
+        return self._cache[key]
 
 
 class DataView:

@@ -419,10 +419,13 @@ def load_split(
     """All examples of one `SplitSpec`: read the source, then the deterministic slice, then `limit`."""
     source = spec.source.strip()
     path: Path | None = None
-    if source.startswith("package:"):
-        path = resolve_package(source)
-    elif not source.startswith("hf:"):
-        path = resolve_local(source, base_dir)
+    try:
+        if source.startswith("package:"):
+            path = resolve_package(source)
+        elif not source.startswith("hf:"):
+            path = resolve_local(source, base_dir)
+    except InputError as err:  # say which split points there
+        raise InputError(f"data.{name}.source: {err}") from None
     fmt = spec.format or infer_format(source, path)
     if fmt == "hf" and not source.startswith("hf:"):
         raise RecipeError(f"data.{name}.format: 'hf' needs an hf:<dataset> source, got {source!r}")

@@ -3,6 +3,7 @@ and the validation cache that makes an unchanged rerun fast."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -38,10 +39,10 @@ def _recipe(model_dir, name="tiny-bench", **changes):
 
 
 @pytest.fixture(scope="module")
-def bench_run(tiny_ner_model, tmp_path_factory):
+def bench_run(tiny_wnut_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(tiny_ner_model)))
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_wnut_model)))
     argv = ["bench", str(recipe), "--exported", str(root / "exported"), "--out", str(root / "out")]
     code = main([*argv, "--iters", "3", "--warmup", "1", "--block", "2"])
     return code, root
@@ -67,8 +68,13 @@ def test_bench_compares_every_candidate_on_metric_and_speed(bench_run):
     # fp32 ONNX predicts exactly what PyTorch predicts.
     assert rows["ort-plain-export"]["agreement_with_pytorch"] == 1.0
     assert rows["ort-plain-export"]["metric"] == pytest.approx(base["metric"])
+    olive_installed = importlib.util.find_spec("olive") is not None
+    assert "olive-auto-opt-int8" in rows  # listed either way: measured, or failed saying why
     for name, row in rows.items():
         if row.get("error"):
+            if name.startswith("olive-") and not olive_installed:  # the peers extra (make bench)
+                assert "olive-ai is not installed" in row["error"]
+                continue
             assert name.startswith("optimum-O2"), f"{name} failed: {row['error']}"
             continue
         assert 0.0 <= row["metric"] <= 1.0
@@ -112,8 +118,8 @@ def test_results_markdown_collects_every_recipe_and_rejects_garbage(bench_run, t
         write_results(result, out)
 
 
-def test_bench_bad_input_exits_2(tiny_ner_model, tmp_path, capsys):
-    no_eval = _recipe(tiny_ner_model)
+def test_bench_bad_input_exits_2(tiny_wnut_model, tmp_path, capsys):
+    no_eval = _recipe(tiny_wnut_model)
     del no_eval["data"]["eval"]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(no_eval))
@@ -127,7 +133,7 @@ def test_bench_bad_input_exits_2(tiny_ner_model, tmp_path, capsys):
 def test_weight_matmuls_and_flops_of_a_tiny_export(bench_run):
     _, root = bench_run
     shapes = weight_matmuls(root / "exported" / "tiny-bench" / "fp32" / "export" / "model.onnx")
-    assert shapes == Counter({(32, 32): 8, (32, 37): 2, (37, 32): 2, (32, 5): 1})
+    assert shapes == Counter({(32, 32): 8, (32, 37): 2, (37, 32): 2, (32, 21): 1})
     assert matmul_flops(Counter({(4, 3): 2}), tokens=10) == 2 * 10 * 4 * 3 * 2
 
 
@@ -170,12 +176,12 @@ def test_render_section_reports_a_failed_peer(bench_run):
 # -- the validation cache ---------------------------------------------------------------------------
 
 
-def test_unchanged_rerun_reuses_validation_and_gate_change_only_redecides(tiny_ner_model, tmp_path, caplog):
+def test_unchanged_rerun_reuses_validation_and_gate_change_only_redecides(tiny_wnut_model, tmp_path, caplog):
     from pipeline.config import recipe_from_dict
     from pipeline.runner import Runner
 
     exported = tmp_path / "exported"
-    document = _recipe(tiny_ner_model, name="tiny-cache")
+    document = _recipe(tiny_wnut_model, name="tiny-cache")
     Runner(recipe_from_dict(document), exported=exported).run()
     root = exported / "tiny-cache"
     first = json.loads((root / "report.json").read_text())
