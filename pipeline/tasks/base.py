@@ -116,14 +116,12 @@ def labels_list(id2label: Any) -> list[str]:
 
 @dataclass
 class QuantPolicy:
-    """What a task asks of quantization: default op types per mode, nodes kept in float, and the
-    floors a quantized model's parity outputs must meet (None: not checked)."""
+    """What a task asks of quantization: default op types per mode, nodes kept in float, and graph
+    surgery before quantizing."""
 
     op_types: dict[str, list[str] | None] = field(default_factory=dict)  # mode -> op types
     keep_float: list[str] = field(default_factory=list)  # node names never quantized
     notes: dict[str, Any] = field(default_factory=dict)  # what was decided and why (manifest)
-    min_argmax_agreement: float | None = None
-    min_cosine_mean: float | None = None
     # Graph surgery on the loaded model (weights included) before quantizing; returns whether it
     # changed anything.
     prepare: Callable[[Any], bool] | None = None
@@ -294,9 +292,19 @@ class Task:
         """The object that scores the PyTorch baseline and each ONNX variant on `examples`."""
         raise NotImplementedError
 
+    def onnx_scorer(
+        self, folder: Path, examples: Sequence[Any], *, max_length: int, trust_remote_code: bool = False
+    ) -> Any:
+        """Scores ONNX models' headline metric on `examples` (None: this task has no such scorer)."""
+        return None
+
     def release_snippet(self) -> str:
         """Python lines that run the released model with onnxruntime + tokenizers only."""
         return ""
+
+    def write_runtime_files(self, folder: Path) -> list[str]:
+        """Files a deployment runtime needs beside the model (written into the release bundle)."""
+        return []
 
     # -- training (trainable tasks) ----------------------------------------------------------------
 

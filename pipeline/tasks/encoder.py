@@ -115,16 +115,19 @@ class EncoderTask(Task):
     def quantization_policy(self, proto: Any, config: Any = None) -> Any:
         from pipeline.tasks.base import QuantPolicy
 
-        # Static: MatMul/Gemm only (quantizing every op puts Q/DQ on the attention mask, whose
-        # -3.4e38 then gets a scale of ~1e36: DESIGN.md §7). Dynamic: ORT's integer-op set.
-        embedding = ["Gather"] if getattr(config, "quantize_embedding", False) else []
+        # Static: MatMul/Gemm (quantizing every op puts Q/DQ on the attention mask, whose -3.4e38
+        # then gets a scale of ~1e36: DESIGN.md §7), plus the embedding Gather unless the recipe
+        # says no (as small as dynamic, no F1 cost measured). Dynamic: ORT's integer-op set.
+        embedding = getattr(config, "quantize_embedding", None)
+        static_gather = ["Gather"] if embedding is None or embedding else []
+        int4_gather = ["Gather"] if embedding else []
         return QuantPolicy(
             op_types={
-                "static": ["MatMul", "Gemm", *embedding],
+                "static": ["MatMul", "Gemm", *static_gather],
                 "dynamic": None,
-                "weight_only_int4": ["MatMul", *embedding],
-            },
-            min_argmax_agreement=0.9,
+                "weight_only_int4": ["MatMul", *int4_gather],
+                "weight_only_int8": ["MatMul", *int4_gather],
+            }
         )
 
     def timing_calls(
@@ -140,6 +143,11 @@ class EncoderTask(Task):
 
     def scorer(self, checkpoint: Path, examples: Sequence[Any], **settings: Any) -> Any:
         return EncoderScorer(self, checkpoint, examples, **settings)
+
+    def onnx_scorer(
+        self, folder: Path, examples: Sequence[Any], *, max_length: int, trust_remote_code: bool = False
+    ) -> OnnxScorer:
+        return OnnxScorer(self, folder, examples, max_length=max_length, trust_remote_code=trust_remote_code)
 
 
 class Evaluator:
@@ -214,6 +222,7 @@ class EncoderScorer:
         max_length: int,
         batch_size: int,
         trust_remote_code: bool = False,
+        generation: Any = None,  # text-generation only
     ) -> None:
         self.task = task
         self.evaluator = Evaluator.for_checkpoint(
@@ -234,3 +243,40 @@ class EncoderScorer:
         metrics = self.evaluator.score(predictions, reference=self.reference)
         agreement = self.task.agreement(predictions, self.reference)
         return Scored(metrics, round(agreement, 6), self.evaluator.report(predictions))
+
+
+class OnnxScorer:
+    """The task's headline metric of ONNX models on one set of examples (a lossy step's tune split):
+    `score(model_path)`; the first model scored is the reference that agreement-style metrics
+    (embedding cosine) compare with."""
+
+    def __init__(
+        self,
+        task: EncoderTask,
+        folder: Path,
+        examples: Sequence[Any],
+        *,
+        max_length: int,
+        trust_remote_code: bool,
+    ) -> None:
+        self.task = task
+        self.evaluator = Evaluator.for_checkpoint(task, folder, examples, max_length, 32, trust_remote_code)
+        self.metric_name = task.headline_metric(None, examples)
+        self.reference: Any = None  # predictions of the first model scored
+        self.reference_metric: float | None = None
+
+    def score(self, model_path: Path) -> float:
+        from pipeline.onnx.session import open_session
+
+        predictions = self.evaluator.predict(
+            ort_forward(open_session(Path(model_path))), Path(model_path).name
+        )
+        if self.reference is None:
+            self.reference = predictions
+        value = float(self.evaluator.score(predictions, reference=self.reference)[self.metric_name])
+        if self.reference_metric is None:
+            self.reference_metric = value
+        return value
+
+    def drop(self, reference: float, value: float) -> float:
+        return self.task.metric_drop(self.metric_name, reference, value) or 0.0
