@@ -30,7 +30,8 @@ class OptimizeConfig(StrictModel):
         None,
         gt=0,
         description="Largest allowed |fused - unfused| on the recipe's parity shapes "
-        "(export.parity.shapes). Default 1e-3 for fp32 and 5e-2 with fp16.",
+        "(export.parity.shapes). Default: the larger of 1e-3 and export.parity.atol for fp32, 5e-2 "
+        "with fp16.",
     )
     fp16: bool = Field(
         False,

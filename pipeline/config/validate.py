@@ -71,6 +71,20 @@ class LatencyConfig(StrictModel):
         return value
 
 
+class GenerationConfig(StrictModel):
+    """text-generation: greedy generation of every variant (its own KV-cache loop) compared with
+    transformers' generate() on the same prompts: the first 8..32 tokens of successive eval texts."""
+
+    prompts: int = Field(8, ge=1, description="Number of prompts.")
+    new_tokens: int = Field(16, ge=1, description="Tokens generated per prompt.")
+    window: int | None = Field(
+        None,
+        ge=2,
+        description="Perplexity window in tokens (stride: half of it). None = the model's context, "
+        "at most 256.",
+    )
+
+
 class ValidateConfig(StrictModel):
     """Recipe section `validate`."""
 
@@ -99,6 +113,10 @@ class ValidateConfig(StrictModel):
     measure_memory: bool = Field(
         True,
         description="Record the peak RSS of loading each candidate and one inference at the largest shape.",
+    )
+    generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(),
+        description="text-generation: the greedy-agreement check against PyTorch's generate().",
     )
 
     @field_validator("providers")

@@ -23,6 +23,22 @@ def summarize_result(result: dict[str, Any]) -> dict[str, Any]:
     optimum_best = min(optimum, key=lambda n: measured[n]["latency"][shapes[0]]["p50_ms"], default=None)
     pipeline_rows = {n: r for n, r in measured.items() if r["role"] == "pipeline" or r["same_as"]}
     summary: dict[str, Any] = {"released": released, "optimum_reference": optimum_best}
+    # The faster of the peers' ready-made paths (Optimum, Olive) at each shape, and the released
+    # variant's margin over it with its interval.
+    ready_made = [n for n in measured if n.startswith(("optimum-", "olive-"))]
+    intervals = result.get("released_vs_peers") or {}
+    if released and ready_made:
+        summary["released_vs_fastest_peer"] = {}
+        for key in shapes:
+            peer = min(ready_made, key=lambda n: measured[n]["latency"][key]["p50_ms"])
+            ci = (intervals.get(peer) or {}).get(key) or {}
+            summary["released_vs_fastest_peer"][key] = {
+                "peer": peer,
+                "ratio": round(
+                    measured[peer]["latency"][key]["p50_ms"] / measured[released]["latency"][key]["p50_ms"], 3
+                ),
+                "ci": [ci["low"], ci["high"]] if ci else None,
+            }
     if released and optimum_best:
         rel, opt = measured[released], measured[optimum_best]
         summary["released_vs_optimum"] = {
@@ -65,7 +81,13 @@ def write_results(result: dict[str, Any], out_dir: Path) -> Path:
     sections = []
     for path in sorted(results_dir.glob("*.json")):
         try:
-            sections.append(render_section(json.loads(path.read_text(encoding="utf-8"))))
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("kind") == "decoder":
+                from pipeline.peers.decoder import render_decoder_section
+
+                sections.append(render_decoder_section(document))
+            else:
+                sections.append(render_section(document))
         except (ValueError, KeyError) as err:
             raise InputError(
                 f"{path}: not a bench result ({type(err).__name__}: {first_line(err)}); "
@@ -165,7 +187,14 @@ def render_section(result: dict[str, Any]) -> str:
             if diff is not None
             else f"- Released vs Optimum: {ratios}."
         )
-    elif summary.get("released") is None:
+    for key, versus in (summary.get("released_vs_fastest_peer") or {}).items():
+        ci = versus.get("ci")
+        lines.append(
+            f"- Released vs the faster ready-made peer at {key} (`{versus['peer']}`): {versus['ratio']:.2f}x"
+            + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            + "."
+        )
+    if summary.get("released") is None:
         lines.append("- No released variant (no variant passed the recipe's gates).")
     for key, best in summary.get("best_vs_pytorch", {}).items():
         lines.append(

@@ -116,6 +116,41 @@ def _ort_candidate(
     )
 
 
+def _olive_candidate(checkpoint: Path, task: str, work: Path, threads: int) -> Candidate:
+    """Microsoft Olive's one-command CPU path (`olive auto-opt ... --precision int8`) on the same
+    checkpoint: export, its graph clean-up and fusions, dynamic INT8. Telemetry off (it posts to a
+    Microsoft endpoint by default, and retries without a network)."""
+    import shutil
+    import subprocess
+    import sys
+
+    name, what = "olive-auto-opt-int8", "Olive 0.13: olive auto-opt --device cpu --precision int8"
+    olive = shutil.which("olive", path=str(Path(sys.executable).parent))
+    if olive is None:
+        return Candidate(
+            name, "peer", what, "int8", None, error="olive-ai is not installed (pip install .[peers])"
+        )
+    out = work / "olive"
+    command = [
+        olive, "auto-opt", "-m", str(checkpoint), "--task", task, "--device", "cpu",
+        "--provider", "CPUExecutionProvider", "--precision", "int8", "--output_path", str(out),
+        "--disable_telemetry", "--log_level", "3",
+    ]  # fmt: skip
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
+    except subprocess.TimeoutExpired:
+        return Candidate(name, "peer", what, "int8", None, error="olive auto-opt took over 30 minutes")
+    models = sorted(out.rglob("*.onnx")) if out.exists() else []
+    if done.returncode != 0 or not models:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        return Candidate(name, "peer", what, "int8", None, error=f"exit {done.returncode}: {last[:200]}")
+    try:
+        return _ort_candidate(name, "peer", what, models[0], threads, artifact=None)
+    except Exception as err:  # its model may not load with our session options
+        return Candidate(name, "peer", what, "int8", None, error=_error_text(err))
+
+
 def _optimum_candidates(export_dir: Path, work: Path, preset: str, threads: int) -> list[Candidate]:
     """Optimum's O2 + preset quantization, and the preset on the plain export."""
     from optimum.onnxruntime import ORTOptimizer, ORTQuantizer
@@ -208,15 +243,17 @@ def run_benchmark(
     from pipeline.tasks import Evaluator, dummy_inputs, get_task
 
     recipe = load_recipe(recipe_path, overrides)
-    if recipe.model.task == "text-generation":
-        raise RecipeError(
-            f"{recipe_path}: bench compares encoder models; task text-generation is not supported"
-        )
     if recipe.data.eval is None:
         raise RecipeError(f"{recipe_path}: data.eval: bench needs eval data to score every candidate")
     lat = recipe.validate_.latency
     threads = lat.threads
     plan = Runner(recipe, exported=exported).run().plan
+    if recipe.model.task == "text-generation":
+        from pipeline.peers.decoder import run_decoder_benchmark
+
+        report_path = plan.root / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        return run_decoder_benchmark(recipe, plan, report, out_dir, iters, warmup, block, settle)
     machine = machine_fingerprint()
 
     baseline_dir = plan.baseline_dir()
@@ -227,7 +264,8 @@ def run_benchmark(
         )
     export_dir = export_node.folder
     report_path = plan.root / "report.json"
-    released = json.loads(report_path.read_text())["release"].get("variant") if report_path.exists() else None
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    released = (report.get("release") or {}).get("variant")
 
     task = get_task(recipe.model.task)
     examples = list(DataBundle.from_recipe(recipe).get("eval"))
@@ -244,14 +282,16 @@ def run_benchmark(
     vocab_size = int(json.loads((baseline_dir / "config.json").read_text())["vocab_size"])
     metric_name = task.headline_metric(recipe.validate_.metric, examples)
     preset = optimum_preset(machine)
+    winner = (report.get("search") or {}).get("winner")
+    validated = {**plan.variants, **({winner: plan.candidates[winner]} if winner in plan.candidates else {})}
     # Weight MatMul shapes per variant, read once per export (dense variants share one).
     shapes_of_export: dict[Path, Counter[tuple[int, int]]] = {}
-    for node in plan.variants.values():
+    for node in validated.values():
         folder = node.export_node().folder
         if folder not in shapes_of_export:
             shapes_of_export[folder] = weight_matmuls(model_file(folder))
     plain_shapes = shapes_of_export[export_dir]
-    variant_shapes = {name: shapes_of_export[n.export_node().folder] for name, n in plan.variants.items()}
+    variant_shapes = {name: shapes_of_export[n.export_node().folder] for name, n in validated.items()}
     torch_names = list(evaluator.tokenizer.model_input_names)
 
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-") as work:
@@ -293,8 +333,10 @@ def run_benchmark(
             )
         )
         candidates.extend(_optimum_candidates(export_dir, Path(work), preset, threads))
+        log.info("bench: olive auto-opt on %s ...", baseline_dir)
+        candidates.append(_olive_candidate(baseline_dir, recipe.model.task, Path(work), threads))
         by_folder = {str(export_dir): candidates[2]}
-        for name, node in plan.variants.items():
+        for name, node in validated.items():
             folder = str(node.folder)
             if folder in by_folder:  # e.g. variant fp32 is the plain export itself
                 by_folder[folder].same_as.append(name)

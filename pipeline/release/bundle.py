@@ -181,6 +181,7 @@ def build_release(
         "release_reason": report["release"].get("reason"),
     }
     manifest["smoke"] = smoke_expectation(out, report.get("task", ""), model.max_length)
+    manifest["runtime_files"] = task.write_runtime_files(out)  # e.g. genai_config.json for decoders
     (out / README).write_text(render_readme(manifest, task.release_snippet()), encoding="utf-8")
     manifest["files"] = mf.hash_folder(out, exclude=(MANIFEST,))
     mf.write_json(out / MANIFEST, manifest)

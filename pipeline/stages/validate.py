@@ -149,6 +149,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
         max_length=ctx.model.max_length,
         batch_size=cfg.eval_batch_size,
         trust_remote_code=trust,
+        generation=cfg.generation,
     )
 
     runners: dict[str, Any] = {}  # timing label -> torch model or ONNX session

@@ -200,12 +200,18 @@ def test_report_has_the_documented_keys(ner):
             assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
             expected = round(report["baseline"]["latency"][key]["p50_ms"] / stats["p50_ms"], 4)
             assert variant["speedup_vs_pytorch"][key] == expected
+            low, high = variant["speedup_ci"][key]  # the paired-bootstrap interval around it
+            assert low <= variant["speedup_vs_pytorch"][key] * 1.001 and high >= low > 0
         cpu = variant["providers"]["CPUExecutionProvider"]
         assert cpu["status"] == "ok" and cpu["session_providers"][0] == "CPUExecutionProvider"
         assert cpu["node_placement"]["CPUExecutionProvider"]["nodes"] > 10
         assert variant["size_bytes"] == (ner["variants"][name] / "model.onnx").stat().st_size
         assert [s["stage"] for s in variant["stages"]] == [m["stage"] for m in ner["manifests"][name]]
     assert report["release"]["variant"] in report["variants"]
+    quality = report["settings"]["timing_quality"]
+    assert set(quality) == shapes and all(1 <= q["rounds"] <= 3 for q in quality.values())
+    assert all(q["interfered"] == bool(q["reasons"]) for q in quality.values())
+    assert "bootstrap" in report["settings"]["speedup_ci_method"]
     assert report["providers"] == {"CPUExecutionProvider": "used"}
     assert report["settings"]["eval_examples"] == len(ner["examples"])
     assert report["baseline"]["peak_rss_bytes"] > 0  # measured in a fresh process per candidate

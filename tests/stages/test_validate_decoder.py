@@ -21,7 +21,17 @@ def decoder_run(tmp_path_factory):
             "variants": {"fp32": []},
             "validate": {
                 "metric": "perplexity",
-                "latency": {"batch_sizes": [1], "seq_lens": [8], "warmup": 0, "iters": 2, "threads": 1},
+                # The report and the release are under test, not the machine's quietness: a busy
+                # test machine must not make the speed gate inconclusive.
+                "latency": {
+                    "batch_sizes": [1],
+                    "seq_lens": [8],
+                    "warmup": 0,
+                    "iters": 2,
+                    "threads": 1,
+                    "max_other_cpu": 64.0,
+                    "max_turn_spread": 1000.0,
+                },
             },
             "gates": {"max_metric_drop": 0.5, "min_speedup_vs_pytorch": 0.01},
         }

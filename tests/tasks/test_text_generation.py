@@ -223,7 +223,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert result["tokens_scored"] == 36  # every token but the first, exactly once
 
 
-@pytest.mark.parametrize("window,stride", [(2, 1), (5, 2), (8, 8), (64, 32)])
+@pytest.mark.parametrize("window,stride", [(2, 1), (5, 2), (8, 7), (64, 32)])
 def test_perplexity_of_a_bigram_model_matches_the_hand_computation(window, stride):
     from pipeline.tasks.text_generation.perplexity import perplexity
 
@@ -268,8 +268,11 @@ def test_perplexity_rejects_bad_input():
 
     with pytest.raises(InputError, match="at least 2 tokens"):
         perplexity(_uniform(5), [1], window=4)
-    with pytest.raises(InputError, match="stride must be in 1..window"):
+    with pytest.raises(InputError, match=r"stride must be in 1\.\.3 \(below the window\), got 5"):
         perplexity(_uniform(5), [1, 2, 3], window=4, stride=5)
+    # stride == window would score each window's first token with no context at all.
+    with pytest.raises(InputError, match="got 4"):
+        perplexity(_uniform(5), [1, 2, 3], window=4, stride=4)
     with pytest.raises(InputError, match="window must be >= 2"):
         perplexity(_uniform(5), [1, 2, 3], window=1)
 
@@ -301,7 +304,7 @@ def test_decode_timing_reports_every_backend_and_context(tmp_path_factory):
     task = get_task("text-generation")
     hf, onnx_dir = tiny_decoder(tmp_path_factory, "gpt2")
     runners = {"pytorch": task.load_model(hf), "fp32": open_session(onnx_dir / "model.onnx", threads=1)}
-    times = time_shapes(
+    times, quality = time_shapes(
         runners,
         [(1, 4), (1, 16)],
         lambda runner, batch, seq: task.timing_calls(runner, batch, seq, 1000),
@@ -310,6 +313,7 @@ def test_decode_timing_reports_every_backend_and_context(tmp_path_factory):
         block=20,
         settle=0,
     )
+    assert set(quality) == {"b1_s4", "b1_s16"} and all(q["rounds"] == 1 for q in quality.values())
     for name in runners:
         assert set(times[name]) == {"b1_s4", "b1_s16"}
         calls = times[name]["b1_s16"]
@@ -373,3 +377,46 @@ def test_decoder_recipes_pass_check(name):
         assert text.startswith("# NEEDS A NETWORK")
     else:
         assert recipe.model.source.startswith("./")  # a local folder, never a hub id
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_genai_config_names_the_graph_io(tmp_path_factory, tmp_path, arch):
+    """genai_config.json (written into decoder bundles) matches the exported graph: every input and
+    output name it gives exists, per layer, and the head sizes follow the config."""
+    import importlib.util
+    import json
+    import shutil
+
+    import onnx
+
+    from pipeline.onnx.io import read_config
+    from pipeline.tasks.text_generation.genai import write_genai_config
+
+    hf, onnx_dir = tiny_decoder(tmp_path_factory, arch)
+    folder = tmp_path / "bundle"
+    shutil.copytree(onnx_dir, folder)
+    config = json.loads(write_genai_config(folder).read_text())
+    decoder = config["model"]["decoder"]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    layers = decoder["num_hidden_layers"]
+    named = decoder["inputs"]
+    assert named["input_ids"] in inputs and named["attention_mask"] in inputs
+    assert ("position_ids" in named) == ("position_ids" in inputs)
+    for layer in range(layers):
+        assert named["past_key_names"] % layer in inputs and named["past_value_names"] % layer in inputs
+        assert decoder["outputs"]["present_key_names"] % layer in outputs
+    assert len([n for n in inputs if n.startswith("past_key_values.")]) == 2 * layers
+    hf_config = read_config(hf)
+    assert decoder["hidden_size"] == hf_config.get("hidden_size", hf_config.get("n_embd"))
+    assert config["model"]["vocab_size"] == hf_config["vocab_size"]
+    assert config["search"]["past_present_share_buffer"] is False
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return  # the runtime itself is in the peers extra (make bench)
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    generator = og.Generator(model, og.GeneratorParams(model))
+    generator.append_tokens([[5, 6, 7]])
+    generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 4

@@ -96,7 +96,7 @@ class TextGeneration(Task):
             )
         op_types = ["MatMul", "Gather"] if quantize_embedding else ["MatMul"]
         policy = QuantPolicy(
-            op_types={"dynamic": op_types, "weight_only_int4": op_types},
+            op_types={"dynamic": op_types, "weight_only_int4": op_types, "weight_only_int8": op_types},
             keep_float=[head.name] if head is not None and head.name and not quantize_head else [],
             notes={
                 "lm_head": {
@@ -145,3 +145,10 @@ class TextGeneration(Task):
 
     def release_snippet(self) -> str:
         return RELEASE_SNIPPET
+
+    def write_runtime_files(self, folder: Path) -> list[str]:
+        """genai_config.json: the bundle runs under onnxruntime-genai too (its Model/Generator
+        loop), with the KV cache laid out as optimum exports it (see genai.py)."""
+        from pipeline.tasks.text_generation.genai import write_genai_config
+
+        return [write_genai_config(folder).name]

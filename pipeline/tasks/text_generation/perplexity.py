@@ -31,13 +31,14 @@ def perplexity(
 ) -> dict[str, Any]:
     """exp(mean negative log-likelihood) of `token_ids` under `logits_fn`, sliding window."""
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    stride = stride or window
+    stride = stride or window - 1
     if ids.size < 2:
         raise InputError(f"perplexity: need at least 2 tokens of text, got {ids.size}")
     if window < 2:
         raise InputError(f"perplexity: window must be >= 2, got {window}")
-    if not 1 <= stride <= window:
-        raise InputError(f"perplexity: stride must be in 1..window ({window}), got {stride}")
+    if not 1 <= stride < window:
+        # With stride == window a window's first token would be scored with no context at all.
+        raise InputError(f"perplexity: stride must be in 1..{window - 1} (below the window), got {stride}")
     nll, count, windows, scored_until = 0.0, 0, 0, 1  # position 0 is never scored
     begin = 0
     while scored_until < ids.size:

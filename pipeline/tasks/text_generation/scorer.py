@@ -31,14 +31,15 @@ class DecoderScorer:
         max_length: int,
         batch_size: int,
         trust_remote_code: bool = False,
-        window: int | None = None,
-        prompts: int = PROMPTS,
-        new_tokens: int = NEW_TOKENS,
+        generation: Any = None,
     ) -> None:
         from pipeline.model_source import random_weights
         from pipeline.tasks.text_generation.generate import prompts_from_texts
         from pipeline.tasks.text_generation.perplexity import text_token_ids
 
+        prompts = generation.prompts if generation is not None else PROMPTS
+        new_tokens = generation.new_tokens if generation is not None else NEW_TOKENS
+        window = generation.window if generation is not None else None
         self.tokenizer = load_tokenizer(checkpoint, trust_remote_code)
         texts = [e.text for e in examples]
         self.ids = text_token_ids(self.tokenizer, texts, MAX_TOKENS)
