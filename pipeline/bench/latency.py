@@ -152,7 +152,7 @@ def time_shapes(
             label.replace("\x00", ":").rstrip(":"): turn_spread(ms, block) for label, ms in measured.items()
         }
         reasons = disturbed(cpu, spreads, max_other_cpu=max_other_cpu, max_turn_spread=max_turn_spread)
-        quality[key] = quality_record(cpu, round_index, reasons)
+        quality[key] = quality_record(cpu, round_index, reasons, max_other_cpu=max_other_cpu)
         return reasons
 
     for batch, seq in shapes:

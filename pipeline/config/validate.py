@@ -45,8 +45,9 @@ class LatencyConfig(StrictModel):
         ge=1,
         description="Timing rounds per shape at most: a round in which other processes used the CPU "
         "(more than max_other_cpu), a candidate's turns spread too far (max_turn_spread), or a "
-        "candidate came out slower at a smaller batch is timed again; when the last round is still "
-        "disturbed the shape is marked interfered and its speed verdicts are inconclusive.",
+        "candidate came out slower at a smaller batch is timed again; when the last round still saw "
+        "other processes' load or an implausible ordering, the shape is marked interfered and its "
+        "speed verdicts are inconclusive.",
     )
     max_other_cpu: float = Field(
         0.25,
@@ -58,7 +59,9 @@ class LatencyConfig(StrictModel):
         1.5,
         gt=1,
         description="Largest allowed ratio of a candidate's slowest to its fastest turn median in a "
-        "round; above it the round counts as disturbed (a dispersion jump).",
+        "round; above it the round is timed again (up to max_rounds). Still unsteady, the shape is "
+        "reported as such and its intervals carry the spread; only other processes' CPU use "
+        "(max_other_cpu) or an implausible ordering makes its verdicts inconclusive.",
     )
 
     @field_validator("batch_sizes", "seq_lens")

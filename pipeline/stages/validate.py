@@ -299,6 +299,13 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
         for key, record in quality.items():
             if record["interfered"]:
                 ctx.log.warning("validate: %s timing interfered with: %s", key, "; ".join(record["reasons"]))
+            elif record.get("unsteady"):
+                ctx.log.info(
+                    "validate: %s timing unsteady after %d round(s) (in the intervals): %s",
+                    key,
+                    record["rounds"],
+                    "; ".join(record["unsteady"]),
+                )
         runners.clear()  # free the runtimes before the memory probes
         del model
 

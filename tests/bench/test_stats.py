@@ -72,3 +72,18 @@ def test_a_smaller_batch_cannot_take_longer():
     assert implausible_orderings(p50) == [
         "x: 30.00 ms at b1_s64 > 20.00 ms at b8_s64 (a smaller batch cannot take longer)"
     ]
+
+
+def test_only_other_processes_load_makes_a_shape_interfered():
+    """Unsteady turns of a candidate are re-timed and then carried by the interval; other
+    processes' CPU use makes the speed verdicts inconclusive."""
+    from pipeline.bench.interference import quality_record
+
+    spread = ["turn medians of fp32 spread 1.63x (limit 1.5x)"]
+    quiet = quality_record(_Monitor(0.05), 3, spread, max_other_cpu=0.25)
+    assert quiet["interfered"] is False and quiet["unsteady"] == spread and quiet["reasons"] == []
+    busy_reasons = ["other processes used 1.20 cores while timing (limit 0.25)", *spread]
+    busy = quality_record(_Monitor(1.2), 3, busy_reasons, max_other_cpu=0.25)
+    assert busy["interfered"] is True and busy["reasons"] == busy_reasons and busy["unsteady"] == []
+    clean = quality_record(_Monitor(None), 1, [], max_other_cpu=0.25)
+    assert clean["interfered"] is False and clean["rounds"] == 1
