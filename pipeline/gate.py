@@ -231,7 +231,20 @@ def gated_variants(gates: GatesConfig, report: dict[str, Any]) -> tuple[list[str
         chosen = release.get("variant")
         if chosen is None:
             reason = release.get("reason") or "no variant passed the gates"
-            return [], [GateResult("release", "exists", False, None, None, reason)]
+            # Nothing released because a verdict could not be decided (a speed interval straddling
+            # its limit, a busy machine) is not a regression: inconclusive, exit 4.
+            undecided = [
+                name
+                for name in variants
+                if (checks := evaluate_variant(gates, report, name))
+                and not any(r.status == "fail" for r in checks)
+                and any(r.status == "inconclusive" for r in checks)
+            ]
+            if undecided:
+                reason += f" (undecided, not failed: {', '.join(undecided)}; re-run on a quiet machine)"
+            return [], [
+                GateResult("release", "exists", False, None, None, reason, inconclusive=bool(undecided))
+            ]
         if chosen not in variants:
             raise InputError(f"report: release.variant {chosen!r} is not one of the report's variants")
         return [chosen], [GateResult("release", "exists", True, chosen, None, release.get("reason", ""))]

@@ -18,7 +18,6 @@ into place, with its manifest. A lock file keeps two runs of one recipe from wri
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -35,6 +34,7 @@ from pipeline import manifest as mf
 from pipeline.config import Recipe, canonical_json
 from pipeline.errors import OutputError, PipelineError, RecipeError, StageError, first_line
 from pipeline.plan import Node, Plan, build_plan
+from pipeline.release.decide import decide, read_report, release_intact, write_report_files
 from pipeline.stages.registry import StageContext, StageSpec, get_stage
 
 log = logging.getLogger("pipeline")
@@ -343,12 +343,12 @@ class Runner:
             variants=variants,
             force=self.revalidate,
         )
-        previous = _read_report(root)
+        previous = read_report(root)
         if (
             node.status == "cached"
             and previous.get("measurement_key") == node.key
             and previous.get("decision_key") == decision_key
-            and (self.until == "validate" or _release_intact(root, previous))
+            and (self.until == "validate" or release_intact(root, previous))
         ):
             log.info(
                 "validate cached (key %s, measured %s), skipped; --revalidate measures again",
@@ -365,7 +365,7 @@ class Runner:
         if search is not None:
             report["search"] = search
         report["failed_variants"] = dict(self.failed)
-        _write_report_files(report, root)
+        write_report_files(report, root)
         if self.until == "validate":
             return
         self._release(plan, report, variants)
@@ -454,80 +454,6 @@ class Runner:
                 "complete": chain[-1] is final,
             }
         return index
-
-
-def decide(
-    recipe: Recipe,
-    measurements: dict[str, Any],
-    measurement_key: str | None = None,
-    decision_key: str | None = None,
-    measured_at: str | None = None,
-    notes: list[str] | tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The report: the validate stage's measurements plus the decisions taken with the recipe's
-    current gates and release settings (gate results of every variant, Pareto front, release pick).
-    Nothing is measured here, so a change to `gates` or `release` only re-runs this."""
-    from pipeline.gate import evaluate_variant
-    from pipeline.release import pick_release
-    from pipeline.report import chart_points, pareto_front
-
-    report = {
-        "format_version": measurements.get("format_version", 1),
-        "recipe": recipe.name,
-        "description": recipe.description,
-        **{k: v for k, v in measurements.items() if k != "format_version"},
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "measured_at": measured_at,
-        "measurement_key": measurement_key,
-        "decision_key": decision_key,
-    }
-    report["notes"] = list(report.get("notes") or []) + list(notes)
-    report["settings"] = {**report["settings"], "primary_latency_key": recipe.primary_latency_key()}
-    report["gates"] = {
-        r.name: r.as_report()
-        for name in report["variants"]
-        for r in evaluate_variant(recipe.gates, report, name)
-    }
-    report["pareto"] = pareto_front(chart_points(report), report.get("metric_higher_is_better", True))
-    report["release"] = pick_release(recipe.gates, recipe.release, report)
-    log.info("validate: release %s (%s)", report["release"]["variant"], report["release"]["reason"])
-    return report
-
-
-def _read_report(root: Path) -> dict[str, Any]:
-    try:
-        return json.loads((root / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_report_files(report: dict[str, Any], root: Path) -> None:
-    """report.json/md/html/png written beside the variants, each file replaced atomically."""
-    from pipeline.report import write_report
-
-    tmp = root / f".tmp-report-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for path in write_report(report, tmp).values():
-            os.replace(path, root / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _release_intact(root: Path, report: dict[str, Any]) -> bool:
-    """The published release matches the report's pick and passes `verify` (or, when the report
-    picked nothing, no bundle is there)."""
-    from pipeline.release import verify_release
-
-    expected = (report.get("release") or {}).get("variant")
-    folder = root / "release"
-    if expected is None:
-        return not folder.exists()
-    try:
-        variant = json.loads((folder / mf.MANIFEST).read_text(encoding="utf-8")).get("variant")
-    except (OSError, ValueError):
-        return False
-    return variant == expected and not verify_release(folder)
 
 
 def _reference_hf(chain: list[Node], source_dir: Path) -> Path:

@@ -574,8 +574,8 @@ def validate_into(
     recipe: Any, variants: dict[str, Path], hf: Path, data: Any, manifests: dict, out: Path
 ) -> dict:
     """The validate stage, then the runner's decisions, the report written into `out`: the report."""
+    from pipeline.release.decide import decide
     from pipeline.report import write_report
-    from pipeline.runner import decide
     from pipeline.stages.registry import run_stage
     from pipeline.stages.validate import load_measurements
 

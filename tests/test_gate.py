@@ -294,3 +294,24 @@ def test_a_recipe_without_an_accuracy_limit_gets_the_tasks_relative_default():
     assert GatesConfig(max_metric_drop=0.01).allowed_drop(0.42) == 0.01
     free = make_recipe(allow_any_metric_drop=True)
     assert free.gates.max_metric_drop_relative is None and free.gates.allowed_drop(0.42) == float("inf")
+
+
+def test_no_release_because_of_an_undecided_verdict_is_inconclusive_not_a_failure(tmp_path, capsys):
+    """A busy machine leaves the speed verdicts undecided, so nothing is released: the gate says
+    inconclusive (exit 4), not failed; a variant that really fails still fails the gate (exit 3)."""
+    report = crafted_report(release={"variant": None, "reason": "no variant passes all gates"})
+    report["variants"]["int8"]["speedup_ci"] = {"b1_s64": [6.2, 7.1], "b8_s64": [4.6, 5.4]}
+    report["settings"]["timing_quality"] = {
+        "b8_s64": {"rounds": 3, "interfered": True, "reasons": ["other processes used 1.38 cores"]}
+    }
+    gates = {"max_metric_drop": 0.01, "min_speedup_vs_pytorch": 4.0}
+    exported = ["--exported", str(tmp_path / "exported")]
+    recipe = _setup(tmp_path, gates, report)
+    assert main(["gate", str(recipe), *exported]) == 4
+    out = capsys.readouterr().out
+    assert "INCONCLUSIVE release/exists" in out and "undecided, not failed: fp32, int8" in out
+    # A quiet machine: int8 fails its metric gate outright, fp32 its speed gate: a real failure.
+    report["variants"]["int8"]["metric_drop"] = 0.05
+    report["settings"]["timing_quality"] = {}
+    recipe = _setup(tmp_path, gates, report)
+    assert main(["gate", str(recipe), *exported]) == 3

@@ -92,8 +92,8 @@ def test_markdown_without_release_says_why():
 def test_finalize_report_reapplies_gates_without_measuring(tmp_path):
     from helpers import recipe_for
 
+    from pipeline.release.decide import decide
     from pipeline.report import write_report
-    from pipeline.runner import decide
 
     report = crafted_report()
     report["settings"]["latency"] = {"threads": 2}
