@@ -27,7 +27,8 @@ from pipeline.errors import InputError
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Ops the CUDA provider hands to CPU on purpose (shape arithmetic on small int tensors); their
-# presence on CPU is not a fallback of the model's compute.
+# presence on CPU is not a fallback of the model's compute. Gather is among them by name, so an
+# embedding Gather that fell back would go unnoticed here (the profile gives no tensor sizes).
 SHAPE_OPS = {
     "Shape",
     "Gather",
@@ -42,7 +43,7 @@ SHAPE_OPS = {
 MIN_AGREEMENT = 0.98
 
 
-def placement_verdict(name: str, placement: Mapping[str, Any], quantized: bool) -> tuple[str, int]:
+def placement_verdict(placement: Mapping[str, Any], quantized: bool) -> tuple[str, int]:
     """("ok" | "FALLBACK" | "partial", compute nodes on CPU) for one variant's node placement."""
     cpu_ops = (placement.get(CPU) or {}).get("ops") or {}
     on_cpu = sum(count for op, count in cpu_ops.items() if op not in SHAPE_OPS)
@@ -137,7 +138,7 @@ def check_variants(
             output = session.run(None, feeds)[0]
             placement = node_placement(session.end_profiling())
             quantized = "int8" in name or "int4" in name
-            verdict, cpu_nodes = placement_verdict(name, placement, quantized)
+            verdict, cpu_nodes = placement_verdict(placement, quantized)
             same, diff = agreement(reference, output)
             cuda = open_session(path, CUDA)
             cpu = open_session(path, CPU, threads) if "fp16" not in name else None
