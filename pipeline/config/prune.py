@@ -44,6 +44,12 @@ class PruneConfig(StrictModel):
     recover_lr: float | None = Field(
         None, gt=0, description="Recovery learning rate; default: the recipe's finetune.lr (or its default)."
     )
+    recover_method: Literal["full", "lora"] | None = Field(
+        None,
+        description="How recovery trains (as finetune.method; LoRA adapters merged afterwards); "
+        "default: the recipe's finetune.method, else full. Structured kinds only: a merged LoRA "
+        "update is dense and would refill an unstructured prune's zeros.",
+    )
     distill: bool = Field(
         False, description="Recovery also distils the unpruned model's logits (teacher = reference model)."
     )
@@ -75,8 +81,15 @@ class PruneConfig(StrictModel):
                     f"scope applies to kind unstructured only; {self.kind} pruning is uniform per layer "
                     "(a non-uniform shape cannot be described by the HF config)"
                 )
-        if self.recover_epochs == 0 and (self.distill or self.recover_lr is not None):
-            raise ValueError("distill / recover_lr need recover_epochs >= 1")
+        if self.recover_epochs == 0 and (
+            self.distill or self.recover_lr is not None or self.recover_method is not None
+        ):
+            raise ValueError("distill / recover_lr / recover_method need recover_epochs >= 1")
+        if self.kind == "unstructured" and self.recover_method == "lora":
+            raise ValueError(
+                "recover_method: lora cannot recover an unstructured prune (the merged update is dense "
+                "and refills the zeros); use full"
+            )
         return self
 
     def problem_for_task(self, task: str) -> str | None:

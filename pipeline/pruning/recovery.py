@@ -44,6 +44,14 @@ class RecoverySession:
         updates: dict[str, Any] = {"epochs": config.recover_epochs}
         if config.recover_lr is not None:
             updates["lr"] = config.recover_lr
+        method = config.recover_method or base.method
+        if config.kind == "unstructured" and method == "lora":
+            method = "full"  # a merged adapter would refill the pruned zeros
+            log.info("prune: an unstructured prune recovers with method full, not the finetune's lora")
+        if method != base.method:
+            updates["method"] = method
+            if config.recover_lr is None:
+                updates["lr"] = None  # the finetune's lr was set for its own method: use this one's default
         self.finetune_config = base.model_copy(update=updates)
         self.max_length = self.finetune_config.max_length or max_length
         self.train_examples = list(data.get("train"))[: self.finetune_config.max_train_examples]
@@ -112,4 +120,9 @@ class RecoverySession:
         )
         best = result.model.eval()
         metric = None if result.best_metric is None else round(float(result.best_metric), 6)
-        return best, {"best_metric": metric, "best_epoch": result.best_epoch, "history": result.history}
+        return best, {
+            "best_metric": metric,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            **result.extra,  # method, lr, trainable parameters (LoRA: adapters and merge check)
+        }

@@ -96,6 +96,10 @@ def run_prune(
         model, trained = session.train(model)  # unstructured: the masks stay active while training
         metrics["recover_best_epoch"] = trained["best_epoch"]
         metrics["recover_history"] = trained["history"]
+        metrics["recover_method"] = trained["method"]
+        metrics["recover_trainable_parameters"] = trained["trainable_parameters"]
+        if "merge_max_abs_diff" in trained:
+            metrics["recover_merge_max_abs_diff"] = trained["merge_max_abs_diff"]
 
     if config.kind == "unstructured":
         modules = dict(_named(model, modules))

@@ -3,13 +3,15 @@
 The stage reads the recipe's train split, adds a head for the data's labels when the checkpoint
 has none, trains (the best epoch is kept: scored on the tune split when the recipe has one, else on
 eval, which the report then says), and writes a normal Hugging Face
-checkpoint (safetensors + tokenizer) plus `report.txt` (per-label report of the best epoch).
+checkpoint (safetensors + tokenizer) plus `report.txt` (per-label report of the best epoch). With
+`method: lora` the adapters are merged before saving, so the checkpoint is a plain model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.bench.memory import PeakRSS
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.stages.registry import StageContext, stage
 
@@ -42,7 +44,8 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
         len(labels),
         max_length,
     )
-    result = train_model(model, tokenizer, task, train, evaluation, config, max_length, log=ctx.log)
+    with PeakRSS() as memory:  # what training adds: weights' gradients and optimizer state, activations
+        result = train_model(model, tokenizer, task, train, evaluation, config, max_length, log=ctx.log)
 
     result.model.save_pretrained(str(ctx.output_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(ctx.output_dir))
@@ -53,4 +56,4 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     report = header + ("\n" + result.report if result.report else "")
     (ctx.output_dir / "report.txt").write_text(report, encoding="utf-8")
     print(report, flush=True)
-    return {**result.metrics(), "selected_on": selection}
+    return {**result.metrics(), "selected_on": selection, "training_peak_rss_delta_bytes": memory.delta_bytes}

@@ -169,7 +169,7 @@ def test_group_by_length_batches_cover_the_epoch_with_less_padding():
     import torch
 
     from pipeline.tasks.base import Encoded
-    from pipeline.training import _epoch_order
+    from pipeline.training.loop import _epoch_order
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 64, size=1000)

@@ -78,7 +78,7 @@ def test_config_defaults_and_descriptions():
         ({"kind": "ffn", "targets": ["ffn"]}, "targets applies to kind unstructured only"),
         ({"kind": "heads", "scope": "layer"}, "scope applies to kind unstructured only"),
         ({"kind": "unstructured", "schedule": "iterative"}, "schedule: unknown key"),
-        ({"kind": "ffn", "distill": True}, "distill / recover_lr need recover_epochs >= 1"),
+        ({"kind": "ffn", "distill": True}, "distill / recover_lr / recover_method need recover_epochs >= 1"),
         ({"kind": "ffn", "amout": 0.3}, "amout: unknown key"),
     ],
 )
@@ -192,6 +192,43 @@ def test_recovery_with_distillation_on_heads(model_dir, tmp_path):
         0: 2,
         1: 2,
     }
+
+
+def test_lora_recovery_of_a_structured_prune_saves_a_plain_pruned_model(model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    metrics = _run(
+        model_dir, tmp_path / "out", kind="ffn", amount=0.5, recover_epochs=1, recover_method="lora"
+    )
+    assert metrics["recover_method"] == "lora"
+    assert metrics["recover_trainable_parameters"] < 0.5 * metrics["params_after"]
+    assert metrics["recover_merge_max_abs_diff"] < 1e-3
+    assert metrics["recover_history"][0]["f1"] == pytest.approx(metrics["metric_recovered"], abs=1e-6)
+    assert metrics["reload_max_abs_diff"] == 0.0
+    assert (
+        AutoConfig.from_pretrained(tmp_path / "out").intermediate_size
+        < AutoConfig.from_pretrained(model_dir).intermediate_size
+    )
+
+
+def test_unstructured_recovery_never_uses_lora(model_dir, tmp_path):
+    from pipeline.config import FinetuneConfig
+    from pipeline.data import DataBundle
+    from pipeline.stages.registry import run_stage
+
+    metrics = run_stage(
+        "prune",
+        PruneConfig(kind="unstructured", amount=0.5, recover_epochs=1),
+        model_dir,
+        tmp_path / "out",
+        model={"source": str(model_dir), "task": "token-classification", "max_length": 32},
+        data=DataBundle.from_examples(
+            "token-classification", train=prune_ner_examples(48, seed=1), eval=prune_ner_examples(16, seed=2)
+        ),
+        sections={"finetune": FinetuneConfig(method="lora", batch_size=8, seed=0)},
+    )
+    assert metrics["recover_method"] == "full"  # a merged adapter would refill the zeros
+    assert metrics["zero_weights"] == round(0.5 * metrics["target_weights"])
 
 
 def test_distillation_needs_a_reference(model_dir, tmp_path):

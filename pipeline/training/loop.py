@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.errors import InputError
+from pipeline.training import lora
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +50,7 @@ class TrainResult:
             "train_examples": self.train_examples,
             "eval_examples": self.eval_examples,
             "seconds_per_epoch": round(self.seconds_per_epoch, 3),
+            **self.extra,
         }
 
 
@@ -137,11 +139,36 @@ def train_model(
     import inspect
 
     accepted = set(inspect.signature(model.forward).parameters)
+    adapters = lora.attach(model, config.lora) if config.method == "lora" else None
+    extra: dict[str, Any] = {
+        "method": config.method,
+        "lr": config.learning_rate,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if adapters is not None:
+        extra.update(
+            total_parameters=adapters.total_parameters,
+            lora={
+                **config.lora.model_dump(),
+                "adapted": adapters.target_modules,
+                "head": adapters.head_modules,
+            },
+        )
+        log.info(
+            "finetune: LoRA r=%d on %s, head %s in full: %d of %d parameters train (%.2f%%)",
+            config.lora.r,
+            ", ".join(adapters.target_modules),
+            ", ".join(adapters.head_modules) or "none",
+            extra["trainable_parameters"],
+            adapters.total_parameters,
+            100.0 * extra["trainable_parameters"] / adapters.total_parameters,
+        )
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
+        lr=config.learning_rate,
     )
     steps_per_epoch = math.ceil(len(train_enc) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -221,6 +248,10 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    if adapters is not None:
+        probe = eval_enc if eval_enc is not None else train_enc
+        batches = [batch for _, batch in zip(range(4), probe.batches(config.eval_batch_size), strict=False)]
+        model, extra["merge_max_abs_diff"] = lora.merge(adapters, batches, task.torch_forward)
     return TrainResult(
         model=model,
         history=history,
@@ -231,4 +262,5 @@ def train_model(
         train_examples=len(train_examples),
         eval_examples=len(eval_examples),
         seconds_per_epoch=sum(epoch_seconds) / max(len(epoch_seconds), 1),
+        extra=extra,
     )
