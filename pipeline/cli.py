@@ -21,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a recipe's stages (cached) and write its outputs")
-    run.add_argument("recipe", type=Path, help="recipe YAML file")
+    run = sub.add_parser("run", help="run recipes' stages (cached) and write their outputs")
+    run.add_argument("recipes", type=Path, nargs="+", metavar="RECIPE", help="recipe YAML file(s)")
     run.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
     run.add_argument("--until", metavar="STAGE", help="stop each variant after this stage")
     run.add_argument(
@@ -39,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
         help="override a recipe field, e.g. --set finetune.epochs=1 (repeatable)",
     )
     run.add_argument("--exported", type=Path, default=Path("exported"), help="output root folder")
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where the stages run: this process (default) or Ray tasks (pip install '.[ray]')",
+    )
+    run.add_argument(
+        "--address",
+        metavar="ray://HOST:PORT|auto",
+        help="the Ray cluster to run on (--executor ray); without it a local Ray instance is started",
+    )
 
     check = sub.add_parser("check", help="validate recipes; exit 2 on the first invalid one")
     check.add_argument("recipes", type=Path, nargs="+", help="recipe YAML files")
@@ -100,25 +111,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """Every recipe is prepared (checked) before the first stage runs; one that fails does not stop
+    the others; the exit code is the first failing recipe's (in command-line order)."""
     from pipeline.config import load_recipe
+    from pipeline.executors import get_executor
     from pipeline.runner import Runner
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = Runner(
-        recipe, exported=args.exported, force=args.force, until=args.until, revalidate=args.revalidate
-    ).run()
-    log.info(
-        "recipe %s: %d stage(s) ran, %d cached; outputs in %s",
-        recipe.name,
-        len(result.ran),
-        len(result.cached),
-        result.plan.root,
-    )
-    if result.failed:
+    executor = get_executor(args.executor, args.address)
+    recipes = [load_recipe(path, args.overrides) for path in args.recipes]
+    names = [recipe.name for recipe in recipes]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise RecipeError(f"recipe name {twice[0]!r} given twice (each recipe owns exported/<name>/)")
+    runners = [
+        Runner(recipe, exported=args.exported, force=args.force, until=args.until, revalidate=args.revalidate)
+        for recipe in recipes
+    ]
+    several = len(runners) > 1
+    code = 0
+    for outcome in executor.run(runners):
+        if outcome.error is not None:
+            prefix = f"{outcome.recipe}: " if several else ""
+            print(f"error: {prefix}{outcome.error}", file=sys.stderr)
+            code = code or outcome.error.exit_code
+            continue
+        result = outcome.result
+        log.info(
+            "recipe %s: %d stage(s) ran, %d cached; outputs in %s",
+            outcome.recipe,
+            len(result.ran),
+            len(result.cached),
+            result.plan.root,
+        )
         for name, why in result.failed.items():
-            print(f"error: variant {name} failed: {why}", file=sys.stderr)
-        return 1
-    return 0
+            prefix = f"{outcome.recipe}: " if several else ""
+            print(f"error: {prefix}variant {name} failed: {why}", file=sys.stderr)
+            code = code or 1
+    return code
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -68,6 +68,22 @@ class Runner:
             get_stage(until)  # unknown name -> RecipeError listing the known stages
 
     def run(self) -> RunResult:
+        """Run every selected node in plan order in this process, then validate and release."""
+        plan = self.prepare()
+        try:
+            first_error = self.run_nodes(plan)
+            self.conclude(plan, first_error)
+            if self.wants_validation():
+                self.validate_and_release(plan)
+            return self.result(plan)
+        finally:
+            self.release_lock()
+
+    # The phases of a run, in order; an executor (pipeline.executors) may run the nodes elsewhere.
+
+    def prepare(self) -> Plan:
+        """Resolve the model, read the data, preflight (nothing written before), lay out the plan,
+        take the recipe's lock and remove what a killed run left behind."""
         from pipeline.data import DataBundle
         from pipeline.fingerprint import machine_fingerprint
         from pipeline.model_source import resolve_model_source
@@ -89,69 +105,117 @@ class Runner:
                 f"{root}: another run of recipe {self.recipe.name!r} holds {root / '.lock'}; "
                 "wait for it to finish"
             ) from None
+        self._lock = lock
         try:
             _remove_leftovers(root)
             self.machine = machine_fingerprint()
-            self.source_digest = source_digest = mf.digest_of(mf.hash_folder(source_dir))
-            selected = self._selected(plan)
-            ran, cached = [], []
-            self.failed: dict[str, str] = {}  # variant or candidate -> why it has no artifact
-            search_budget = self.recipe.search.max_seconds if self.recipe.search else None
-            search_spent = 0.0
-            first_error: StageError | None = None
-            for index, node in enumerate(selected, 1):
-                label = f"[{index}/{len(selected)}] {node.folder.relative_to(plan.root)}"
-                broken = next((n for n in node.chain()[:-1] if n.status in ("failed", "skipped")), None)
-                if broken is not None:
-                    node.status = "skipped"
-                    continue
-                if plan.candidate_only(node) and search_budget is not None and search_spent > search_budget:
-                    node.status = "skipped"
-                    for name in node.variants:
-                        self.failed.setdefault(name, f"not built: search.max_seconds {search_budget:g} spent")
-                    continue
-                if node.parent is None:
-                    input_dir, upstream = plan.source_dir, source_digest
-                else:
-                    assert node.parent.manifest is not None, "parents run first"
-                    input_dir, upstream = node.parent.folder, mf.digest_of(node.parent.manifest["outputs"])
-                clock = time.perf_counter()
-                try:
-                    self._run_node(
-                        node,
-                        plan,
-                        input_dir,
-                        upstream,
-                        label,
-                        reference_hf_dir=_reference_hf(node.chain(), source_dir),
-                    )
-                except OutputError:
-                    raise
-                except StageError as err:
-                    # One variant's failure (a parity error, a failed quantizer) does not stop the
-                    # others: it is reported, the run's exit code says so (1).
-                    node.status = "failed"
-                    first_error = first_error or err
-                    log.error("%s", err)
-                    for name in node.variants:
-                        self.failed.setdefault(name, str(err))
-                    continue
-                finally:
-                    if plan.candidate_only(node):
-                        search_spent += time.perf_counter() - clock
-                (ran if node.status == "ran" else cached).append(str(node.folder.relative_to(plan.root)))
-            if first_error is not None and plan.variants and all(n in self.failed for n in plan.variants):
-                raise first_error  # nothing left to validate: the run fails with the first cause
-            mf.write_json(root / "variants.json", self._index(plan, selected))
-            if self.until in (None, "validate", "search"):
-                if self.recipe.data.eval is None:
-                    # No labeled data, no accuracy: say so; `gate` then fails for lack of a report.
-                    log.info("no data.eval in the recipe: validation, report and release skipped")
-                else:
-                    self._validate_and_release(plan)
-            return RunResult(plan=plan, ran=ran, cached=cached, failed=dict(self.failed))
-        finally:
+            self.source_digest = mf.digest_of(mf.hash_folder(source_dir))
+            self.selected = self._selected(plan)
+        except BaseException:
+            self.release_lock()
+            raise
+        self.ran: list[str] = []
+        self.cached: list[str] = []
+        self.failed: dict[str, str] = {}  # variant or candidate -> why it has no artifact
+        return plan
+
+    def release_lock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
             lock.release()
+            self._lock = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An executor ships the runner to its workers; the lock stays with the process holding it.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def label(self, plan: Plan, node: Node) -> str:
+        """How the log and the errors name a node: its place in the run and its folder."""
+        index = self.selected.index(node) + 1
+        return f"[{index}/{len(self.selected)}] {node.folder.relative_to(plan.root)}"
+
+    def run_nodes(self, plan: Plan) -> StageError | None:
+        """Every selected node in plan order; returns the first stage failure (the others ran)."""
+        search_budget = self.recipe.search.max_seconds if self.recipe.search else None
+        search_spent = 0.0
+        first_error: StageError | None = None
+        for node in self.selected:
+            if self.blocked(node):
+                node.status = "skipped"
+                continue
+            if plan.candidate_only(node) and search_budget is not None and search_spent > search_budget:
+                self.skip_over_budget(node, search_budget)
+                continue
+            clock = time.perf_counter()
+            try:
+                self.execute_node(node, plan, self.label(plan, node))
+            except OutputError:
+                raise
+            except StageError as err:
+                # One variant's failure (a parity error, a failed quantizer) does not stop the
+                # others: it is reported, the run's exit code says so (1).
+                first_error = first_error or err
+                self.record_failure(node, err)
+                continue
+            finally:
+                if plan.candidate_only(node):
+                    search_spent += time.perf_counter() - clock
+            self.record_done(node, plan)
+        return first_error
+
+    @staticmethod
+    def blocked(node: Node) -> bool:
+        """Whether an upstream node of `node` failed or was skipped (then it is skipped too)."""
+        return any(n.status in ("failed", "skipped") for n in node.chain()[:-1])
+
+    def skip_over_budget(self, node: Node, budget: float) -> None:
+        node.status = "skipped"
+        for name in node.variants:
+            self.failed.setdefault(name, f"not built: search.max_seconds {budget:g} spent")
+
+    def record_failure(self, node: Node, err: StageError) -> None:
+        node.status = "failed"
+        log.error("%s", err)
+        for name in node.variants:
+            self.failed.setdefault(name, str(err))
+
+    def record_done(self, node: Node, plan: Plan) -> None:
+        (self.ran if node.status == "ran" else self.cached).append(str(node.folder.relative_to(plan.root)))
+
+    def execute_node(self, node: Node, plan: Plan, label: str) -> None:
+        """Run (or find cached) one node whose parent has its manifest."""
+        if node.parent is None:
+            input_dir, upstream = plan.source_dir, self.source_digest
+        else:
+            assert node.parent.manifest is not None, "parents run first"
+            input_dir, upstream = node.parent.folder, mf.digest_of(node.parent.manifest["outputs"])
+        self._run_node(
+            node,
+            plan,
+            input_dir,
+            upstream,
+            label,
+            reference_hf_dir=_reference_hf(node.chain(), plan.source_dir),
+        )
+
+    def conclude(self, plan: Plan, first_error: StageError | None) -> None:
+        """After the nodes: fail with the first cause when no variant is left, else write the index."""
+        if first_error is not None and plan.variants and all(n in self.failed for n in plan.variants):
+            raise first_error  # nothing left to validate: the run fails with the first cause
+        mf.write_json(plan.root / "variants.json", self._index(plan, self.selected))
+
+    def wants_validation(self) -> bool:
+        """Whether this run validates (and releases) after its nodes."""
+        if self.until not in (None, "validate", "search"):
+            return False
+        if self.recipe.data.eval is None:
+            # No labeled data, no accuracy: say so; `gate` then fails for lack of a report.
+            log.info("no data.eval in the recipe: validation, report and release skipped")
+            return False
+        return True
+
+    def result(self, plan: Plan) -> RunResult:
+        return RunResult(plan=plan, ran=list(self.ran), cached=list(self.cached), failed=dict(self.failed))
 
     def _selected(self, plan: Plan) -> list[Node]:
         if self.until in (None, "validate", "search"):
@@ -302,7 +366,7 @@ class Runner:
         node.status, node.manifest = "ran", manifest
         log.info("%s done in %.1fs", label, manifest["duration_s"])
 
-    def _validate_and_release(self, plan: Plan) -> None:
+    def validate_and_release(self, plan: Plan) -> None:
         """Measure every variant against PyTorch (the validate stage, cached like any stage), then
         take the decisions, write the report and publish the release bundle.
 
