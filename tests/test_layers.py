@@ -21,4 +21,13 @@ def test_import_layers_are_kept():
 def test_every_stage_is_registered_validate_included():
     from pipeline.stages.registry import all_stages
 
-    assert set(all_stages()) == {"finetune", "prune", "export", "optimize", "quantize", "search", "validate"}
+    assert set(all_stages()) == {
+        "finetune",
+        "prune",
+        "export",
+        "optimize",
+        "quantize",
+        "adapters",
+        "search",
+        "validate",
+    }

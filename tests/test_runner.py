@@ -114,7 +114,7 @@ def test_lock_blocks_a_second_run(tiny_ner_model, tmp_path):
 
 
 def test_until_unknown_stage_lists_known(tiny_ner_model, tmp_path):
-    with pytest.raises(RecipeError, match="unknown stage 'exprt'; known stages: export"):
+    with pytest.raises(RecipeError, match="unknown stage 'exprt'; known stages: adapters, export, finetune"):
         Runner(recipe_from_dict(export_only_recipe(tiny_ner_model)), exported=tmp_path, until="exprt")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pipeline.config.adapters import AdaptersConfig
 from pipeline.config.base import StrictModel, shape_key
 from pipeline.config.data import DataConfig
 from pipeline.config.export import ExportConfig
@@ -41,6 +42,7 @@ STEP_CONFIGS: dict[str, type[StrictModel]] = {
     "prune": PruneConfig,
     "optimize": OptimizeConfig,
     "quantize": QuantizeConfig,
+    "adapters": AdaptersConfig,
 }
 VARIANT_STEPS = tuple(STEP_CONFIGS)
 
@@ -65,7 +67,7 @@ class Recipe(StrictModel):
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export and parity.")
     variants: dict[str, list[Step]] = Field(
         default_factory=lambda: {"fp32": []},
-        description="Variant name -> steps after the common prefix: prune, optimize, quantize.",
+        description="Variant name -> steps after the common prefix: prune, optimize, quantize, adapters.",
     )
     validate_: ValidateConfig = Field(
         default_factory=ValidateConfig, alias="validate", description="Accuracy and speed checks."
@@ -99,6 +101,19 @@ class Recipe(StrictModel):
         for name, steps in self.variants.items():
             if not _SAFE_NAME.match(str(name)):
                 raise ValueError(f"variants: variant name {name!r} is not a safe folder name")
+            if any(step.stage == "adapters" for step in steps):
+                if len(steps) != 1:
+                    raise ValueError(
+                        f"variants.{name}: adapters must be the variant's only step (they attach to the "
+                        "plain export; prune, optimize and quantize would change the layers they adapt)"
+                    )
+                if self.model.task != "text-generation":
+                    raise ValueError(
+                        f"variants.{name}.0.adapters: swappable adapters are for text-generation models; "
+                        "an encoder trains LoRA with finetune.method: lora (merged)"
+                    )
+                if self.data.train is None or self.data.eval is None:
+                    raise ValueError(f"variants.{name}.0.adapters: needs data.train and data.eval texts")
             seen_onnx = False
             for step in steps:
                 if step.stage == "prune" and seen_onnx:

@@ -95,6 +95,7 @@ def build_release(
         if item.is_file():
             shutil.copy2(item, out / item.name)
     copy_metadata(source, out)
+    adapters = _copy_adapters(source, out)
     if not (out / "tokenizer.json").is_file():
         raise StageError(
             f"release: {source} has no tokenizer.json; deployment without transformers needs a fast "
@@ -181,11 +182,36 @@ def build_release(
         "release_reason": report["release"].get("reason"),
     }
     manifest["smoke"] = smoke_expectation(out, report.get("task", ""), model.max_length)
+    if adapters:
+        manifest["adapters"] = [
+            {
+                **adapter,
+                "smoke": {
+                    k: v
+                    for k, v in smoke_expectation(
+                        out, report.get("task", ""), model.max_length, adapter=adapter["file"]
+                    ).items()
+                    if k in ("output", "shape", "argmax")
+                },
+            }
+            for adapter in adapters
+        ]
     manifest["runtime_files"] = task.write_runtime_files(out)  # e.g. genai_config.json for decoders
     (out / README).write_text(render_readme(manifest, task.release_snippet()), encoding="utf-8")
     manifest["files"] = mf.hash_folder(out, exclude=(MANIFEST,))
     mf.write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _copy_adapters(source: Path, out: Path) -> list[dict[str, Any]]:
+    """Copy a variant's LoRA adapters (adapters.json + adapters/*.onnx_adapter); their entries."""
+    index = source / "adapters.json"
+    if not index.is_file():
+        return []
+    shutil.copy2(index, out / index.name)
+    shutil.copytree(source / "adapters", out / "adapters", dirs_exist_ok=True)
+    entries = json.loads(index.read_text(encoding="utf-8"))["adapters"]
+    return [{k: a[k] for k in ("name", "file", "sha256", "perplexity") if k in a} for a in entries]
 
 
 def render_readme(manifest: dict[str, Any], snippet: str) -> str:

@@ -19,8 +19,9 @@ SMOKE_TEXT = "Alice flew from Paris to New York on Monday to meet the team at Ac
 SMOKE_MIN_AGREEMENT = 0.9
 
 
-def smoke_run(folder: Path, smoke: dict[str, Any]) -> tuple[str, Any]:
-    """Tokenise the smoke text with tokenizer.json and run model.onnx on CPU: (output name, array)."""
+def smoke_run(folder: Path, smoke: dict[str, Any], adapter: str | None = None) -> tuple[str, Any]:
+    """Tokenise the smoke text with tokenizer.json and run model.onnx on CPU: (output name, array).
+    `adapter`: a LoRA adapter file of the bundle (relative path) active for the run."""
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -56,17 +57,23 @@ def smoke_run(folder: Path, smoke: dict[str, Any]) -> tuple[str, Any]:
         dtype = np.int32 if "int32" in value.type else np.int64
         feeds[value.name] = np.asarray([columns[value.name]], dtype=dtype)
     output = session.get_outputs()[0].name
-    return output, session.run([output], feeds)[0]
+    run_options = ort.RunOptions()
+    if adapter is not None:
+        lora = ort.LoraAdapter()
+        lora.Load(str(folder / adapter))
+        run_options.add_active_adapter(lora)
+    return output, session.run([output], feeds, run_options)[0]
 
 
-def smoke_expectation(folder: Path, task: str, max_length: int) -> dict[str, Any]:
-    """Run the smoke inference once at build time and record what verify must see again."""
+def smoke_expectation(folder: Path, task: str, max_length: int, adapter: str | None = None) -> dict[str, Any]:
+    """Run the smoke inference once at build time (with `adapter` active, if given) and record what
+    verify must see again."""
     import numpy as np
 
     smoke: dict[str, Any] = {"text": SMOKE_TEXT, "max_length": max_length}
     if task == "token-classification":
         smoke["words"] = SMOKE_TEXT.split()
-    name, array = smoke_run(folder, smoke)
+    name, array = smoke_run(folder, smoke, adapter)
     smoke.update(
         {
             "output": name,
@@ -80,11 +87,11 @@ def smoke_expectation(folder: Path, task: str, max_length: int) -> dict[str, Any
     return smoke
 
 
-def _check_smoke(folder: Path, smoke: dict[str, Any]) -> list[str]:
+def _check_smoke(folder: Path, smoke: dict[str, Any], adapter: str | None = None) -> list[str]:
     import numpy as np
 
     try:
-        name, array = smoke_run(folder, smoke)
+        name, array = smoke_run(folder, smoke, adapter)
     except Exception as err:  # any failure to tokenise or run is a problem to report
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return [f"smoke inference failed: {first}"]
@@ -183,6 +190,13 @@ def verify_release(folder: Path) -> list[str]:
         problems.append(f"{path}: no 'smoke' section to check an inference against")
     elif not problems:
         problems += _check_smoke(folder, smoke)
+        for entry in manifest.get("adapters") or []:  # each LoRA adapter: its own recorded smoke output
+            name = entry.get("name")
+            if not isinstance(entry.get("smoke"), dict) or not entry.get("file"):
+                problems.append(f"{path}: adapter {name!r} has no file or smoke record")
+                continue
+            checked = _check_smoke(folder, {**smoke, **entry["smoke"]}, adapter=entry["file"])
+            problems += [f"adapter {name}: {problem}" for problem in checked]
     return problems
 
 
@@ -203,6 +217,12 @@ def verify_command(folder: Path, out: Any = None) -> int:
     if problems:
         print(f"verify {folder}: {len(problems)} problem(s)", file=out)
         return 1
-    count = len(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"])
-    print(f"verify {folder}: OK ({count} files match their sha256; smoke inference matches)", file=out)
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    adapters = len(manifest.get("adapters") or [])
+    smoke = (
+        f"smoke inference matches, base and {adapters} LoRA adapter(s)"
+        if adapters
+        else "smoke inference matches"
+    )
+    print(f"verify {folder}: OK ({len(manifest['files'])} files match their sha256; {smoke})", file=out)
     return 0

@@ -98,6 +98,7 @@ _STAGE_MODULES = (
     "pipeline.stages.export",
     "pipeline.stages.optimize",
     "pipeline.stages.quantize",
+    "pipeline.stages.adapters",
     "pipeline.stages.search",
     "pipeline.stages.validate",
 )

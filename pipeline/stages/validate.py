@@ -37,7 +37,11 @@ UNSTRUCTURED_NOTE = (
     "multiplied as dense tensors (same file size; only the gzip-compressed size drops)"
 )
 # Bulky stage metrics left out of the report (they stay in the stage manifests).
-_BULKY_METRICS = ("history", "sparsity_per_layer", "recover_history")
+_BULKY_METRICS = ("history", "sparsity_per_layer", "recover_history", "training")
+ADAPTERS_NOTE = (
+    "LoRA adapters: this variant's metric and speed are its base model's (no adapter active); "
+    "each adapter's perplexity on every label's eval texts is under `adapters`"
+)
 
 
 def check_metric(task: Any, cfg: ValidateConfig) -> None:
@@ -428,7 +432,7 @@ def call_speedups(
 def stage_facts(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant from its stage manifests: the stage list, attention fusion, sparsity notes."""
     stages, notes = [], []
-    fusion, sparsity = None, None
+    fusion, sparsity, adapters = None, None, None
     for manifest in manifests:
         metrics = manifest.get("metrics") or {}
         stage_name = manifest.get("stage")
@@ -455,7 +459,23 @@ def stage_facts(manifests: list[dict[str, Any]]) -> dict[str, Any]:
                 f" (sparsity {metrics['sparsity']:.0%})" if isinstance(metrics.get("sparsity"), float) else ""
             )
             notes.append(UNSTRUCTURED_NOTE + share)
-    return {"stages": stages, "attention_fusion": fusion, "sparsity": sparsity, "notes": notes}
+        if stage_name == "adapters":
+            keys = (
+                "adapters",
+                "perplexity",
+                "own_domain_perplexity_gain",
+                "parity_max_abs_diff",
+                "adapter_bytes",
+            )
+            adapters = {key: metrics.get(key) for key in keys}
+            notes.append(ADAPTERS_NOTE)
+    return {
+        "stages": stages,
+        "attention_fusion": fusion,
+        "sparsity": sparsity,
+        "adapters": adapters,
+        "notes": notes,
+    }
 
 
 def load_measurements(folder: Path) -> dict[str, Any]:
