@@ -64,6 +64,7 @@ def _context(report: dict[str, Any]) -> dict[str, Any]:
         "latency": tables.latency_rows(report),
         "gates": tables.gate_rows(report) if report.get("gates") else None,
         "search": tables.search_rows(report),
+        "adapters": tables.adapter_rows(report),
         "providers": tables.provider_lines(report),
         "notes": notes,
         "classification": classification,

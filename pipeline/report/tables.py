@@ -190,3 +190,38 @@ def search_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | N
     for name, why in (search.get("not_built") or {}).items():
         rows.append([name, why, *["-"] * (len(header) - 2)])
     return header, rows
+
+
+def adapter_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Per variant with LoRA adapters: perplexity (the metric) of the base and of each adapter on
+    every label's eval texts, and each adapter's ONNX Runtime vs PyTorch parity and file size."""
+    rows: list[list[str]] = []
+    labels: list[str] = []
+    for name, variant in report["variants"].items():
+        adapters = variant.get("adapters") or {}
+        matrix = adapters.get("perplexity") or {}
+        if not matrix:
+            continue
+        labels = labels or list(matrix.get("base") or {})
+        parity = adapters.get("parity_max_abs_diff") or {}
+        sizes = adapters.get("adapter_bytes") or {}
+        for active, scores in matrix.items():
+            rows.append(
+                [
+                    name,
+                    "none (base)" if active == "base" else active,
+                    *[num(scores.get(label), 2) for label in labels],
+                    "-" if active == "base" else f"{parity.get(active, float('nan')):.2e}",
+                    "-" if active == "base" else mb(sizes.get(active)),
+                ]
+            )
+    if not rows:
+        return None
+    header = [
+        "variant",
+        "adapter",
+        *[f"perplexity on {label}" for label in labels],
+        "parity vs PyTorch",
+        "size",
+    ]
+    return header, rows

@@ -60,6 +60,9 @@ def test_adapters_variant_runs_releases_and_verifies(tmp_path):
         report["variants"]["fp32"]["metric"], rel=1e-6
     )
     assert set(report["variants"]["lora"]["adapters"]["adapters"]) == {"business", "sports"}
+    markdown = (root / "report.md").read_text()
+    assert "## LoRA adapters" in markdown and "| lora      | sports " in markdown
+    assert 'id="adapters"' in (root / "report.html").read_text()
     release = root / "release"
     manifest = json.loads((release / "manifest.json").read_text())
     assert [a["name"] for a in manifest["adapters"]] == ["business", "sports"]
