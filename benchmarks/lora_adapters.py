@@ -13,7 +13,7 @@ On SmolLM2-135M (`make exported/_models/smollm2-135m/config.json`) and its fp32 
 5. times adapter switches, and a decode step (past 128) of base + adapter against the adapter
    merged into its own exported model, interleaved in the shared timing loop.
 
-    python benchmarks/lora_adapters.py [--steps 60] [--out benchmarks/results/lora_adapters.json]
+    python benchmarks/lora_adapters.py [--steps 60] [--out benchmarks/measurements/lora_adapters.json]
 
 Nothing here is cached: it writes its models under --work (default exported/smollm2-135m/lora).
 """
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "exported/_models/smollm2-135m")
     parser.add_argument("--export", type=Path, default=ROOT / "exported/smollm2-135m/fp32/export/model.onnx")
     parser.add_argument("--work", type=Path, default=ROOT / "exported/smollm2-135m/lora")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lora_adapters.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/measurements/lora_adapters.json")
     parser.add_argument("--steps", type=int, default=60, help="training steps per adapter")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

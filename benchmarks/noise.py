@@ -9,7 +9,7 @@
         the gate decides two speed limits from each report: the recipe's 1.5x (which the quiet
         machine passes) and a "tight" limit 1.25x above the quiet ratio (which it fails). A
         verdict is wrong when it is not the quiet machine's verdict and not inconclusive. Prints
-        one table and writes benchmarks/results/noise.json.
+        one table and writes benchmarks/measurements/noise.json.
 
 The load is plain Python busy loops, one process each, bounded in time, so a forgotten harness
 cannot keep a machine busy.
@@ -137,7 +137,7 @@ def gates(runs: int, quiet_runs: int, threads: int, exported: Path) -> None:
     ]
     print(tabulate(rows, headers=header, tablefmt="github"))
     print(f"\n{wrong} wrong verdicts in {runs} loaded runs (quiet verdicts: {expected})")
-    out = ROOT / "benchmarks" / "results" / "noise.json"
+    out = ROOT / "benchmarks" / "measurements" / "noise.json"
     out.write_text(
         json.dumps({"limits": limits, "expected": expected, "runs": quiet + loaded}, indent=1) + "\n"
     )
