@@ -161,7 +161,6 @@ class _Schedule:
         # The intra-op threads a local run uses here; a stage task runs with as many, and asks for
         # as many CPUs (no more than the largest node has).
         self.threads = torch.get_num_threads()
-        self.cpus = max(1, min(self.threads, int(executor.node_cpus)))
         self.stage_task = self.ray.remote(_stage_task)
         self.finish_task = self.ray.remote(_finish_task)
         self.refs: dict[int, Any] = {}  # id(node) -> ObjectRef of its outcome
@@ -224,9 +223,8 @@ class _Schedule:
         parent = self.refs.get(id(node.parent)) if node.parent is not None else None
         task = self.stage_task.options(
             name=f"pipeline:{runner.recipe.name}/{node.folder.relative_to(plan.root)}",
-            num_cpus=self.cpus,
-            resources={TIMING: TIMING_SLIVER},
             max_retries=self.executor.max_retries,
+            **stage_resources(self.threads, self.executor.node_cpus),
         )
         ref = task.remote(
             self.states[r], runner.selected.index(node), runner.label(plan, node), self._env(), parent
@@ -239,14 +237,10 @@ class _Schedule:
 
     def _submit_finish(self, r: int) -> None:
         runner, plan = self.runners[r], self.plans[r]
-        latency = runner.recipe.validate_.latency
-        wants_cuda = "CUDAExecutionProvider" in runner.recipe.validate_.providers
         task = self.finish_task.options(
             name=f"pipeline:{runner.recipe.name}/validate",
-            num_cpus=max(1, min(max(latency.threads, self.threads), int(self.executor.node_cpus))),
-            num_gpus=1 if wants_cuda and self.executor.gpus >= 1 else 0,
-            resources={TIMING: 1},  # the whole node: nothing else of ours runs beside the timing
             max_retries=self.executor.max_retries,
+            **timing_resources(runner.recipe, self.threads, self.executor.node_cpus, self.executor.gpus),
         )
         ref = task.remote(self.ray.put((runner, plan)), self._env())
         self.pending[ref] = (r, None)
@@ -338,6 +332,25 @@ class _Schedule:
         self.outcomes[r] = RecipeOutcome(runner.recipe.name, result=runner.result(plan))
 
 
+# -- resource requests ----------------------------------------------------------------------------
+
+
+def stage_resources(threads: int, node_cpus: float) -> dict[str, Any]:
+    """A stage task: as many CPUs as the threads it runs with (no more than the largest node has)
+    and a sliver of its node's `timing` resource."""
+    return {"num_cpus": max(1, min(threads, int(node_cpus))), "resources": {TIMING: TIMING_SLIVER}}
+
+
+def timing_resources(recipe: Any, threads: int, node_cpus: float, gpus: float) -> dict[str, Any]:
+    """Validation (and the search): validate.latency.threads CPUs (at least the stage threads, for
+    its accuracy passes), a GPU when it validates on CUDA and the cluster has one, and the node's
+    whole `timing` resource: it starts only where no other pipeline task runs, and none starts
+    beside it."""
+    cpus = max(1, min(max(recipe.validate_.latency.threads, threads), int(node_cpus)))
+    cuda = "CUDAExecutionProvider" in recipe.validate_.providers and gpus >= 1
+    return {"num_cpus": cpus, "num_gpus": 1 if cuda else 0, "resources": {TIMING: 1}}
+
+
 # -- what runs in the workers ---------------------------------------------------------------------
 
 
@@ -400,4 +413,4 @@ def _finish_task(state: tuple[Runner, Plan], env: dict[str, Any]) -> Outcome:
     return Outcome("ran", failed=dict(runner.failed))
 
 
-__all__ = ["INSTALL_HINT", "TIMING", "TIMING_SLIVER", "RayExecutor"]
+__all__ = ["INSTALL_HINT", "TIMING", "TIMING_SLIVER", "RayExecutor", "stage_resources", "timing_resources"]

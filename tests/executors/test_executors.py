@@ -52,3 +52,28 @@ def test_several_recipes_one_failing_the_others_finish(write_recipe, tiny_ner_mo
     assert "error: two: variant too-strict failed: " in err and "exceeds atol" in err
     assert (out / "one" / "fp32" / "export" / "manifest.json").is_file()
     assert (out / "two" / "fp32" / "export" / "manifest.json").is_file()
+
+
+def test_resource_requests_keep_timing_alone_on_its_node(tiny_ner_model):
+    """A stage task holds a sliver of its node's `timing` resource; validation holds all of it
+    (so neither starts beside the other), its latency threads in CPUs, and a GPU only for CUDA
+    validation on a cluster that has one."""
+    from pipeline.config import recipe_from_dict
+    from pipeline.executors.ray_executor import TIMING, TIMING_SLIVER, stage_resources, timing_resources
+
+    assert stage_resources(2, 16) == {"num_cpus": 2, "resources": {TIMING: TIMING_SLIVER}}
+    assert stage_resources(8, 4)["num_cpus"] == 4  # never more than the largest node has
+    assert TIMING_SLIVER * 1000 <= 1  # up to 1000 stage tasks per node; one timing task takes all
+
+    document = export_only_recipe(tiny_ner_model)
+    document["validate"] = {"latency": {"threads": 4}}
+    cpu_only = recipe_from_dict(document)
+    assert timing_resources(cpu_only, 2, 16, gpus=1) == {
+        "num_cpus": 4,
+        "num_gpus": 0,
+        "resources": {TIMING: 1},
+    }
+    document["validate"]["providers"] = ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    cuda = recipe_from_dict(document)
+    assert timing_resources(cuda, 2, 16, gpus=1)["num_gpus"] == 1
+    assert timing_resources(cuda, 2, 16, gpus=0)["num_gpus"] == 0  # validate says CUDA is absent
