@@ -162,7 +162,9 @@ def test_auto_exclusion_keeps_nodes_in_float_until_f1_holds(
         "token-classification", calibration=calibration.get("calibration"), tune=outlier_tune
     )
     plain = _run(QuantizeConfig(mode=mode), models["outlier"], tmp_path / "p", data)
-    assert plain["tune"]["input"] == 1.0 and plain["tune"]["drop"] > 0.04  # the outlier costs F1
+    # the outlier costs F1 beyond the target below (0.035 on an AVX-512 VNNI CPU, ~0.05 on AVX2:
+    # the INT8 kernels differ, reduce_range too)
+    assert plain["tune"]["input"] == 1.0 and plain["tune"]["drop"] > 0.03
 
     config = QuantizeConfig(mode=mode, auto_exclude={"max_nodes": 4, "max_metric_drop": 0.03})
     metrics = _run(config, models["outlier"], tmp_path / "a", data)
