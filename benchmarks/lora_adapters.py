@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tasks import get_task, load_tokenizer
     from pipeline.tasks.text_generation.adapter import timing_calls
     from pipeline.tasks.text_generation.perplexity import (
+        adapter_perplexity_matrix,
         onnx_logits_fn,
         perplexity,
         text_token_ids,
@@ -172,15 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 4. perplexity matrix on one session
-    matrix: dict[str, dict[str, float]] = {}
-    for active in (None, *DOMAINS):
-        adapted_session.activate(active)
-        logits = onnx_logits_fn(adapted_session)
-        matrix[active or "base"] = {
-            domain: round(perplexity(logits, heldout[domain], window=256, stride=128)["perplexity"], 4)
-            for domain in DOMAINS
-        }
-        print(f"perplexity with {active or 'no adapter'}: {matrix[active or 'base']}", flush=True)
+    matrix = adapter_perplexity_matrix(adapted_session, DOMAINS, heldout, window=256)
+    print(f"perplexity (rows: active adapter): {matrix}", flush=True)
     result["perplexity"] = matrix
 
     # 5. switch cost and per-token cost against a merged model

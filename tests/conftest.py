@@ -12,6 +12,23 @@ from helpers import CLS_LABELS, NER_LABELS, WNUT_LABELS, tiny_model
 
 
 @pytest.fixture(scope="session")
+def bare_dir(tmp_path_factory) -> Path:
+    """A random-weight BERT without a task head and a word-level tokenizer (fine-tuning tests)."""
+    return tiny_model(tmp_path_factory.mktemp("bare") / "model", head="base", tokenizer="words")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster and immune to other jobs on the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def tiny_ner_model(tmp_path_factory) -> Path:
     """A random-weight BERT token classifier (NER_LABELS) with the real MiniLM tokenizer."""
     return tiny_model(tmp_path_factory.mktemp("tiny-ner") / "model", head="token", labels=NER_LABELS)

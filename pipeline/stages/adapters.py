@@ -58,8 +58,8 @@ def adapters(ctx: StageContext) -> dict[str, Any]:
     from pipeline.onnx.session import open_session
     from pipeline.tasks import load_tokenizer
     from pipeline.tasks.text_generation.perplexity import (
+        adapter_perplexity_matrix,
         onnx_logits_fn,
-        perplexity,
         text_token_ids,
         torch_logits_fn,
     )
@@ -139,16 +139,9 @@ def adapters(ctx: StageContext) -> dict[str, Any]:
                 f"{diff:.3g} (export.parity.atol {atol})"
             )
 
-    matrix: dict[str, dict[str, float]] = {}
-    for active in (None, *config.labels):
-        session.activate(active)
-        logits = onnx_logits_fn(session)
-        window = min(256, ctx.model.max_length)
-        matrix[active or "base"] = {
-            label: round(perplexity(logits, ids, window=window, stride=window // 2)["perplexity"], 4)
-            for label, ids in heldout.items()
-        }
-        ctx.log.info("adapters: perplexity with %s: %s", active or "no adapter", matrix[active or "base"])
+    matrix = adapter_perplexity_matrix(session, config.labels, heldout, min(256, ctx.model.max_length))
+    for active, scores in matrix.items():
+        ctx.log.info("adapters: perplexity with %s: %s", active, scores)
 
     index = {
         "format": 1,

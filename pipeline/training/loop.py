@@ -139,16 +139,16 @@ def train_model(
     import inspect
 
     accepted = set(inspect.signature(model.forward).parameters)
+    total = sum(p.numel() for p in model.parameters())  # before adapters are added
     adapters = lora.attach(model, config.lora) if config.method == "lora" else None
     extra: dict[str, Any] = {
         "method": config.method,
         "lr": config.learning_rate,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "total_parameters": total,
     }
     if adapters is not None:
         extra.update(
-            total_parameters=adapters.total_parameters,
             lora={
                 **config.lora.model_dump(),
                 "adapted": adapters.target_modules,
@@ -161,8 +161,8 @@ def train_model(
             ", ".join(adapters.target_modules),
             ", ".join(adapters.head_modules) or "none",
             extra["trainable_parameters"],
-            adapters.total_parameters,
-            100.0 * extra["trainable_parameters"] / adapters.total_parameters,
+            total,
+            100.0 * extra["trainable_parameters"] / total,
         )
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from helpers import make_ner_examples, make_text_examples, tiny_model, write_conll
+from helpers import make_ner_examples, make_text_examples, write_conll
 
 from pipeline.config import FinetuneConfig, recipe_from_dict
 from pipeline.data import DataBundle
@@ -21,18 +21,7 @@ torch = pytest.importorskip("torch")
 FAST = dict(epochs=3, lr=3e-3, batch_size=16, warmup_ratio=0.1, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to other jobs on the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bare_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("bare"), head="base", tokenizer="words")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _score(task, model, tokenizer, examples):

@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from helpers import make_ner_examples, tiny_model, write_conll
+from helpers import make_ner_examples, write_conll
 
 from pipeline.config import FinetuneConfig, PruneConfig, recipe_from_dict
 from pipeline.data import DataBundle
@@ -22,17 +22,7 @@ LABELS = ["B-LOC", "B-PER", "O"]
 LORA = dict(method="lora", epochs=3, lr=1e-2, batch_size=16, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bare_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("bare"), head="base", tokenizer="words")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _f1(task, model, tokenizer, examples):

@@ -26,11 +26,6 @@ def ner_dir(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("ner"), head="token", labels=LABELS, tokenizer="words")
 
 
-@pytest.fixture(scope="module")
-def bare_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("bare"), head="base", tokenizer="words")
-
-
 def test_get_task_and_unsupported_tasks():
     assert get_task("token-classification").metric_name == "f1"
     assert get_task("text-classification").metric_name == "accuracy"

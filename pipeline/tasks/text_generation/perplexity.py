@@ -69,6 +69,23 @@ def perplexity(
     }
 
 
+def adapter_perplexity_matrix(
+    session: Any, adapters: Sequence[str], texts: dict[str, np.ndarray], window: int
+) -> dict[str, dict[str, float]]:
+    """Perplexity of an adapter-switching session (pipeline.onnx.lora.AdaptedSession) with no
+    adapter ("base") and with each adapter, on each named token sequence; stride window / 2."""
+    matrix: dict[str, dict[str, float]] = {}
+    for active in (None, *adapters):
+        session.activate(active)
+        logits = onnx_logits_fn(session)
+        matrix[active or "base"] = {
+            name: round(perplexity(logits, ids, window=window, stride=window // 2)["perplexity"], 4)
+            for name, ids in texts.items()
+        }
+    session.activate(None)
+    return matrix
+
+
 def onnx_logits_fn(session: Any) -> LogitsFn:
     """Logits of a KV-cache decoder session for a whole window (empty past)."""
     from pipeline.tasks.text_generation.io import DecoderIO
