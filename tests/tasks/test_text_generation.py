@@ -100,6 +100,31 @@ def test_fp32_greedy_generation_agrees_fully_with_pytorch(decoder):
     assert max(len(set(s["onnx"])) for s in result["samples"]) > 3
 
 
+def test_agreement_stops_generating_at_the_first_divergence(decoder):
+    """A reference that differs at step 3: the loop stops there (the rest padded), and the
+    agreement counts the 3 matching tokens, as it would had all 12 been generated."""
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks import get_task
+    from pipeline.tasks.text_generation.generate import PAD, OnnxGreedyGenerator, greedy_agreement
+
+    _, hf, onnx_dir = decoder
+    session = open_session(onnx_dir / "model.onnx")
+    prompt = [5, 17, 99, 4, 250]
+    full = OnnxGreedyGenerator(session).generate(np.asarray([prompt]), 12, pad_token_id=PAD)[0].tolist()
+    wrong = full[:3] + [(full[3] + 1) % 50] + full[4:]
+    stopped = (
+        OnnxGreedyGenerator(session)
+        .generate(np.asarray([prompt]), 12, pad_token_id=PAD, until_diverging_from=wrong)[0]
+        .tolist()
+    )
+    assert stopped == full[:4] + [PAD] * 8
+    model = get_task("text-generation").load_model(hf)
+    result = greedy_agreement(model, session, [prompt], 12, references=[wrong])
+    assert result["token_agreement"] == 3 / 12 and result["first_divergence"] == [3]
+    with pytest.raises(InputError, match="2 references for 1 prompts"):
+        greedy_agreement(model, session, [prompt], 12, references=[wrong, wrong])
+
+
 def test_batched_left_padded_generation_equals_one_at_a_time(decoder):
     from pipeline.onnx.session import open_session
     from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator

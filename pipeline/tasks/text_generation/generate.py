@@ -32,12 +32,15 @@ class OnnxGreedyGenerator:
         attention_mask: np.ndarray | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int = 0,
+        until_diverging_from: Sequence[int] | None = None,
     ) -> np.ndarray:
         """New token ids [batch, max_new_tokens] after the (left-padded) prompts `input_ids`.
 
         With `eos_token_id` (one id or several), a row that produced one is padded with
         `pad_token_id` afterwards and the loop stops once every row is done; without it exactly
-        max_new_tokens are produced.
+        max_new_tokens are produced. `until_diverging_from` (one prompt): stop after the first token
+        that differs from this reference continuation, the rest padded: an agreement check compares
+        nothing after it, and a variant that diverges early then costs a few steps, not all.
         """
         ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         if ids.shape[1] < 1:
@@ -52,6 +55,8 @@ class OnnxGreedyGenerator:
         if mask.shape != ids.shape:
             raise InputError(f"generate: attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         batch = ids.shape[0]
+        if until_diverging_from is not None and batch != 1:
+            raise InputError(f"generate: until_diverging_from needs one prompt, got a batch of {batch}")
         past = self.io.empty_past(batch)
         names = list(self.io.output_names)
         logits_index = names.index("logits")
@@ -64,6 +69,8 @@ class OnnxGreedyGenerator:
             next_ids = np.argmax(outputs[logits_index][:, -1, :], axis=-1).astype(np.int64)
             next_ids = np.where(done, pad_token_id, next_ids)
             produced[:, step] = next_ids
+            if until_diverging_from is not None and next_ids[0] != until_diverging_from[step]:
+                break
             if eos.size:
                 done |= np.isin(next_ids, eos)
                 if done.all():
@@ -126,25 +133,37 @@ def greedy_agreement(
     max_new_tokens: int,
     *,
     label: str = "ONNX decoder",
+    references: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Greedy tokens of `session` (KV-cache loop) vs PyTorch's generate() on each prompt.
+
+    `references` are PyTorch's continuations (`torch_greedy` of each prompt) when the caller has
+    them already: a validation of several variants generates them once, not once per variant.
 
     Both stop at the model's EOS id(s); positions after it count as padding (equal when both
     stopped there). `token_agreement` counts, per prompt, the generated tokens before the first
     divergence (after it the two continue from different contexts, so later positions are not
-    comparable) over all generated tokens. `exact_sequences` is the fraction of prompts whose
-    continuations are identical.
+    comparable) over all generated tokens, so the ONNX loop stops at that first divergent token
+    (the samples' ONNX tokens end there, padded). `exact_sequences` is the fraction of prompts
+    whose continuations are identical.
     """
     if not prompts:
         raise InputError("greedy_agreement: no prompts")
+    if references is None:
+        references = [torch_greedy(model, prompt, max_new_tokens) for prompt in prompts]
+    if len(references) != len(prompts):
+        raise InputError(f"greedy_agreement: {len(references)} references for {len(prompts)} prompts")
     generator = OnnxGreedyGenerator(session, label)
     eos = eos_ids(model)
     matched, divergences, exact = 0, [], 0
     samples = []
-    for prompt in prompts:
-        reference = torch_greedy(model, prompt, max_new_tokens)
+    for prompt, reference in zip(prompts, references, strict=True):
         onnx_tokens = generator.generate(
-            np.asarray([prompt]), max_new_tokens, eos_token_id=eos, pad_token_id=PAD
+            np.asarray([prompt]),
+            max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            until_diverging_from=reference,
         )[0].tolist()
         prefix = next(
             (i for i, (a, b) in enumerate(zip(reference, onnx_tokens, strict=True)) if a != b),

@@ -47,6 +47,7 @@ class DecoderScorer:
         self.new_tokens = new_tokens
         self.window_asked = window
         self.model: Any = None
+        self.references: list[list[int]] | None = None  # PyTorch's greedy tokens, made once
         self.base: dict[str, Any] = {}
         self.settings: dict[str, Any] = {
             "latency_meaning": "decoder: p50/p90 ms of one decode step after a past of seq tokens; "
@@ -82,11 +83,15 @@ class DecoderScorer:
         return Scored({"perplexity": self.base["perplexity"], "token_agreement": 1.0})
 
     def variant(self, session: Any, label: str) -> Scored:
-        from pipeline.tasks.text_generation.generate import greedy_agreement
+        from pipeline.tasks.text_generation.generate import greedy_agreement, torch_greedy
         from pipeline.tasks.text_generation.perplexity import onnx_logits_fn, perplexity
 
         ppl = perplexity(onnx_logits_fn(session), self.ids, self.window, self.stride)["perplexity"]
-        greedy = greedy_agreement(self.model, session, self.prompts, self.new_tokens, label=label)
+        if self.references is None:
+            self.references = [torch_greedy(self.model, p, self.new_tokens) for p in self.prompts]
+        greedy = greedy_agreement(
+            self.model, session, self.prompts, self.new_tokens, label=label, references=self.references
+        )
         metrics = {
             "perplexity": ppl,
             "perplexity_ratio": ppl / self.base["perplexity"],
