@@ -87,3 +87,53 @@ def test_only_other_processes_load_makes_a_shape_interfered():
     assert busy["interfered"] is True and busy["reasons"] == busy_reasons and busy["unsteady"] == []
     clean = quality_record(_Monitor(None), 1, [], max_other_cpu=0.25)
     assert clean["interfered"] is False and clean["rounds"] == 1
+
+
+@pytest.mark.parametrize(
+    ("spreads_per_round", "rounds"),
+    [
+        ([{"a": 2.0}, {"a": 2.0}, {"a": 2.0}], 2),  # the same candidate again: its own variance
+        ([{"a": 2.0}, {"b": 2.0}, {"b": 2.0}], 3),  # another candidate: a disturbance moving about
+        ([{"a": 2.0}, {}], 2),  # steady once re-timed
+        ([{}], 1),
+    ],
+)
+def test_a_repeated_spread_of_the_same_candidate_is_not_timed_a_third_time(
+    monkeypatch, spreads_per_round, rounds
+):
+    """A round whose only complaint is a candidate's turn spread is timed again once; when the
+    same candidates spread again on a quiet machine, a third round would only cost time."""
+    import pipeline.bench.interference as interference
+    import pipeline.bench.stats as stats
+    from pipeline.bench import time_shapes
+
+    scripted = iter(spreads_per_round)
+    queue: list[float] = []  # this round's spreads of a then b (the order the round measures them)
+
+    class QuietMonitor:
+        other_cores, steal_cores = 0.0, 0.0
+
+        def __enter__(self):
+            spreads = next(scripted)
+            queue[:] = [spreads.get("a", 1.0), spreads.get("b", 1.0)]
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(interference, "CpuMonitor", QuietMonitor)
+    monkeypatch.setattr(stats, "turn_spread", lambda ms, block: queue.pop(0))
+    runners = {"a": None, "b": None}
+    _, quality = time_shapes(
+        runners,
+        [(1, 8)],
+        lambda runner, batch, seq: {"": lambda: None},
+        warmup=0,
+        iters=2,
+        block=1,
+        settle=0,
+        max_rounds=3,
+        max_other_cpu=0.25,
+        max_turn_spread=1.5,
+    )
+    assert quality["b1_s8"]["rounds"] == rounds
