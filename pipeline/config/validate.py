@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import StrictModel, check_provider_names
 
@@ -14,6 +14,13 @@ class LatencyConfig(StrictModel):
 
     batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes to time.")
     seq_lens: list[int] = Field([64], min_length=1, description="Sequence lengths to time.")
+    prefill_seq_lens: list[int] | None = Field(
+        None,
+        description="text-generation: the seq_lens at which the prompt's prefill is timed too (a decode "
+        "step after a past of seq tokens is timed at every seq_len). None = all of them. A long "
+        "prefill costs 10x a decode step: timing prefill at 128 and decode at 128 and 256 saved most "
+        "of SmolLM2's timing time.",
+    )
     warmup: int = Field(
         5, ge=0, description="Untimed runs of each candidate before timing (interleaved too)."
     )
@@ -63,6 +70,13 @@ class LatencyConfig(StrictModel):
         "reported as such and its intervals carry the spread; only other processes' CPU use "
         "(max_other_cpu) or an implausible ordering makes its verdicts inconclusive.",
     )
+
+    @model_validator(mode="after")
+    def _prefill_within_seq_lens(self) -> LatencyConfig:
+        extra = sorted(set(self.prefill_seq_lens or []) - set(self.seq_lens))
+        if extra:
+            raise ValueError(f"prefill_seq_lens {extra} are not in seq_lens {self.seq_lens}")
+        return self
 
     @field_validator("batch_sizes", "seq_lens")
     @classmethod

@@ -141,7 +141,7 @@ def run_decoder_benchmark(
         times, quality = time_shapes(
             runners,
             shapes,
-            lambda runner, batch, seq: task.timing_calls(runner, batch, seq, vocab),
+            lambda runner, batch, seq: task.timed_calls(runner, batch, seq, vocab, lat),
             warmup=warmup,
             iters=iters,
             block=block,
@@ -256,7 +256,7 @@ def render_decoder_section(result: dict[str, Any]) -> str:
             ratio = (row.get("decode_speedup_vs_pytorch") or {}).get(key)
             ci = (row.get("decode_speedup_ci") or {}).get(key)
             cells += [
-                f"{stats['prefill_ms_p50']:.1f}",
+                "-" if stats["prefill_ms_p50"] is None else f"{stats['prefill_ms_p50']:.1f}",
                 f"{stats['p50_ms']:.2f}",
                 "1.00x"
                 if ratio is None

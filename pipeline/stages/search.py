@@ -92,7 +92,7 @@ def search(ctx: StageContext) -> dict[str, Any]:
         times, quality = time_shapes(
             runners,
             shapes,
-            lambda runner, batch, seq: task.timing_calls(runner, batch, seq, vocab),
+            lambda runner, batch, seq: task.timed_calls(runner, batch, seq, vocab, lat),
             warmup=cfg.timing.warmup,
             iters=cfg.timing.iters,
             block=cfg.timing.block,

@@ -244,8 +244,8 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
                 variants[name] = entry
 
         load_before = load_average()
-        calls_per_runner = len(task.timing_calls(model, 1, 1, vocab_size))
-        total = len(shapes) * lat.iters * len(runners) * calls_per_runner
+        calls_per_shape = sum(len(task.timed_calls(model, 1, s, vocab_size, lat)) for _, s in shapes)
+        total = lat.iters * len(runners) * calls_per_shape
 
         def log_shape(key: str, times: dict[str, dict[str, list[float]]]) -> None:
             p50s = {
@@ -266,7 +266,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
             times, quality = time_shapes(
                 runners,
                 shapes,
-                lambda runner, batch, seq: task.timing_calls(runner, batch, seq, vocab_size),
+                lambda runner, batch, seq: task.timed_calls(runner, batch, seq, vocab_size, lat),
                 warmup=lat.warmup,
                 iters=lat.iters,
                 block=lat.block,

@@ -266,6 +266,13 @@ class Task:
         """One timed run per call name ("" = the forward) of a torch model or an ONNX session."""
         raise NotImplementedError
 
+    def timed_calls(
+        self, runner: Any, batch: int, seq: int, vocab_size: int, latency: Any
+    ) -> dict[str, Callable[[], Any]]:
+        """The calls the timing loop runs at one shape under `latency` (validate.latency): by
+        default every one of timing_calls."""
+        return self.timing_calls(runner, batch, seq, vocab_size)
+
     def timing_batches(self, batch_sizes: Sequence[int]) -> list[int]:
         """The batch sizes this task is timed at."""
         return list(batch_sizes)

@@ -25,7 +25,8 @@ def decoder_run(tmp_path_factory):
                 # test machine must not make the speed gate inconclusive.
                 "latency": {
                     "batch_sizes": [1],
-                    "seq_lens": [8],
+                    "seq_lens": [8, 16],
+                    "prefill_seq_lens": [8],  # a decode step at both, the prefill at 8 only
                     "warmup": 0,
                     "iters": 2,
                     "threads": 1,
@@ -50,9 +51,12 @@ def test_decoder_report(decoder_run):
     assert abs(fp32["metric_drop"]) < 1e-2 * report["baseline"]["metric"]
     assert fp32["agreement"] == 1.0  # greedy tokens identical to transformers' generate()
     assert (
-        set(fp32["latency"]) == {"b1_s8"}
+        set(fp32["latency"]) == {"b1_s8", "b1_s16"}
         and fp32["latency"]["b1_s8"]["p99_ms"] >= fp32["latency"]["b1_s8"]["p50_ms"]
     )
+    assert fp32["latency"]["b1_s8"]["prefill_ms_p50"] > 0
+    assert fp32["latency"]["b1_s16"]["prefill_ms_p50"] is None and fp32["latency"]["b1_s16"]["p50_ms"] > 0
+    assert set(fp32["prefill_speedup_vs_pytorch"]) == {"b1_s8"}
     assert fp32["speedup_vs_pytorch"]["b1_s8"] > 0
     assert report["release"]["variant"] == "fp32"
     assert any("random weights" in note for note in report["notes"])
@@ -77,3 +81,20 @@ def test_decoder_release_verifies(decoder_run, tmp_path):
     assert verify_release(tmp_path / "release") == []
     result = run_readme_snippet(tmp_path / "release", tmp_path)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+
+
+def test_prefill_seq_lens_must_be_timed_shapes_of_a_decoder():
+    from pipeline.errors import RecipeError
+
+    def recipe(task, latency):
+        return {
+            "name": "p",
+            "model": {"source": "x", "task": task},
+            "variants": {"fp32": []},
+            "validate": {"latency": latency},
+        }
+
+    with pytest.raises(RecipeError, match=r"prefill_seq_lens \[64\] are not in seq_lens \[128, 256\]"):
+        recipe_from_dict(recipe("text-generation", {"seq_lens": [128, 256], "prefill_seq_lens": [64]}))
+    with pytest.raises(RecipeError, match="prefill_seq_lens: applies to text-generation models only"):
+        recipe_from_dict(recipe("token-classification", {"seq_lens": [64], "prefill_seq_lens": [64]}))

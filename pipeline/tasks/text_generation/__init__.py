@@ -128,14 +128,24 @@ class TextGeneration(Task):
 
         return timing_calls(runner, batch, seq, vocab_size)
 
+    def timed_calls(
+        self, runner: Any, batch: int, seq: int, vocab_size: int, latency: Any
+    ) -> dict[str, Callable[[], Any]]:
+        """The decode step at every shape; the prefill only at latency.prefill_seq_lens (all if unset)."""
+        calls = self.timing_calls(runner, batch, seq, vocab_size)
+        if latency.prefill_seq_lens is not None and seq not in latency.prefill_seq_lens:
+            del calls["prefill"]
+        return calls
+
     def latency_entry(self, stats: dict[str, dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
-        decode, prefill = stats["decode"], stats["prefill"]
+        decode, prefill = stats["decode"], stats.get("prefill")  # no prefill: not timed at this seq
+        p50 = prefill["p50_ms"] if prefill else None
         return {
             **decode,
             "throughput_per_s": round(1e3 / decode["p50_ms"], 3) if decode["p50_ms"] else None,
-            "prefill_ms_p50": prefill["p50_ms"],
-            "prefill_ms_p90": prefill["p90_ms"],
-            "prompt_tokens_per_s": round(seq * 1e3 / prefill["p50_ms"], 3) if prefill["p50_ms"] else None,
+            "prefill_ms_p50": p50,
+            "prefill_ms_p90": prefill["p90_ms"] if prefill else None,
+            "prompt_tokens_per_s": round(seq * 1e3 / p50, 3) if p50 else None,
         }
 
     def scorer(self, checkpoint: Path, examples: Sequence[Any], **settings: Any) -> Any:
