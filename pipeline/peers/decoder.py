@@ -46,6 +46,38 @@ def build_genai(checkpoint: Path, out: Path, precision: str) -> tuple[Path | Non
     return model, None, seconds
 
 
+class _FixedDims:
+    """An InferenceSession whose inputs read with some symbolic dimensions replaced by numbers."""
+
+    def __init__(self, session: Any, dims: dict[str, int]) -> None:
+        from types import SimpleNamespace
+
+        self._session = session
+        self._inputs = [
+            SimpleNamespace(name=i.name, type=i.type, shape=[dims.get(d, d) for d in i.shape])
+            for i in session.get_inputs()
+        ]
+
+    def get_inputs(self) -> list[Any]:
+        return self._inputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def with_genai_dims(session: Any, folder: Path) -> Any:
+    """`session` of a GenAI builder model, its KV head dimension made a number: the builder names
+    it symbolically ('kv_cache_dim'), and this package's loop needs it to make the empty past. The
+    number comes from the builder's own genai_config.json (model.decoder.head_size)."""
+    import json
+
+    config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+    head_size = int(config["model"]["decoder"]["head_size"])
+    symbolic = {d for i in session.get_inputs() if i.name.startswith("past_key_values.") for d in i.shape[3:]}
+    dims = {d: head_size for d in symbolic if isinstance(d, str)}
+    return _FixedDims(session, dims) if dims else session
+
+
 def run_decoder_benchmark(
     recipe: Any,
     plan: Any,
@@ -123,6 +155,8 @@ def run_decoder_benchmark(
                 continue
             try:
                 session = open_session(row["path"], threads=lat.threads)
+                if row["role"] == "peer":
+                    session = with_genai_dims(session, Path(row["path"]).parent)
                 scored = scorer.variant(session, name)
             except Exception as err:  # a peer model this loop cannot drive is a finding, reported
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
