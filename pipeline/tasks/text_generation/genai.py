@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 FILE = "genai_config.json"
+# model.type picks onnxruntime-genai's runner class. Its "gpt2" runner expects the legacy combined
+# past tensors (past_%d); an optimum GPT-2 export has separate key/value tensors, which is the
+# generic decoder-only runner's layout (measured with 0.15.2: "gpt2" fails with "Model input was
+# not found", "llama" generates).
+GENAI_TYPE = {"gpt2": "llama"}
 
 
 def genai_config(folder: Path) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def genai_config(folder: Path) -> dict[str, Any]:
             },
             "eos_token_id": eos,
             "pad_token_id": pick("pad_token_id", default=eos if not isinstance(eos, list) else eos[0]),
-            "type": config.get("model_type"),
+            "type": GENAI_TYPE.get(config.get("model_type"), config.get("model_type")),
             "vocab_size": config.get("vocab_size"),
         },
         "search": {
