@@ -244,7 +244,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
                 variants[name] = entry
 
         load_before = load_average()
-        calls_per_shape = sum(len(task.timed_calls(model, 1, s, vocab_size, lat)) for _, s in shapes)
+        calls_per_shape = sum(task.timed_call_count(s, lat) for _, s in shapes)
         total = lat.iters * len(runners) * calls_per_shape
 
         def log_shape(key: str, times: dict[str, dict[str, list[float]]]) -> None:

@@ -273,6 +273,11 @@ class Task:
         default every one of timing_calls."""
         return self.timing_calls(runner, batch, seq, vocab_size)
 
+    def timed_call_count(self, seq: int, latency: Any) -> int:
+        """How many calls timed_calls gives at sequence length `seq` (a progress bar's total),
+        without building them."""
+        return 1
+
     def timing_batches(self, batch_sizes: Sequence[int]) -> list[int]:
         """The batch sizes this task is timed at."""
         return list(batch_sizes)

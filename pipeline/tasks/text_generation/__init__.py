@@ -133,9 +133,12 @@ class TextGeneration(Task):
     ) -> dict[str, Callable[[], Any]]:
         """The decode step at every shape; the prefill only at latency.prefill_seq_lens (all if unset)."""
         calls = self.timing_calls(runner, batch, seq, vocab_size)
-        if latency.prefill_seq_lens is not None and seq not in latency.prefill_seq_lens:
+        if not _times_prefill(seq, latency):
             del calls["prefill"]
         return calls
+
+    def timed_call_count(self, seq: int, latency: Any) -> int:
+        return 2 if _times_prefill(seq, latency) else 1
 
     def latency_entry(self, stats: dict[str, dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
         decode, prefill = stats["decode"], stats.get("prefill")  # no prefill: not timed at this seq
@@ -162,3 +165,8 @@ class TextGeneration(Task):
         from pipeline.tasks.text_generation.genai import write_genai_config
 
         return [write_genai_config(folder).name]
+
+
+def _times_prefill(seq: int, latency: Any) -> bool:
+    """Whether the prefill is timed at `seq` (validate.latency.prefill_seq_lens; unset: always)."""
+    return latency.prefill_seq_lens is None or seq in latency.prefill_seq_lens
