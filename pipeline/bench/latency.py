@@ -158,8 +158,7 @@ def time_shapes(
         }
         reasons = disturbed(cpu, spreads, max_other_cpu=max_other_cpu, max_turn_spread=max_turn_spread)
         quality[key] = quality_record(cpu, round_index, reasons, max_other_cpu=max_other_cpu)
-        busy = cpu.other_cores is not None and cpu.other_cores > max_other_cpu
-        if busy:
+        if quality[key]["interfered"]:  # other processes' load: any spread may be theirs
             return reasons, None
         return reasons, {name for name, spread in spreads.items() if spread > max_turn_spread}
 
