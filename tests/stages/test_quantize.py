@@ -342,7 +342,6 @@ def test_fidelity_is_reported_and_enforced_only_where_the_recipe_sets_a_floor(mo
         )
 
 
-def test_hqq_refuses_an_accuracy_level_it_cannot_use():
-    with pytest.raises(ValidationError, match="accuracy_level: HQQ writes float zero points"):
-        QuantizeConfig(mode="weight_only_int4", int4_algorithm="hqq", accuracy_level=4)
-    assert QuantizeConfig(mode="weight_only_int4", int4_algorithm="rtn", accuracy_level=4).accuracy_level == 4
+def test_hqq_takes_an_accuracy_level():
+    # Its float zero points are rewritten into integer ones, so the int8-compute kernel applies.
+    assert QuantizeConfig(mode="weight_only_int4", int4_algorithm="hqq", accuracy_level=4).accuracy_level == 4

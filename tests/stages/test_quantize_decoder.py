@@ -122,3 +122,68 @@ def test_quantize_errors_are_clear(gpt2, tmp_path):
                 "variants": {"q": [{"quantize": {"quantize_lm_head": True}}]},
             }
         )
+
+
+def test_hqq_float_zero_points_become_integer_ones_exactly(llama, tmp_path):
+    import onnx
+    from onnx import TensorProto
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from pipeline.onnx.session import open_session
+    from pipeline.quantization.nbits import integer_zero_points
+
+    _, onnx_dir = llama
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(onnx_dir / "model.onnx")),
+        algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4),
+    )
+    quantizer.process()
+    hqq = quantizer.model.model
+    onnx.save(hqq, str(tmp_path / "float_zero_points.onnx"))
+    nbits = [n for n in hqq.graph.node if n.op_type == "MatMulNBits"]
+    inputs = {n.input[0] for n in nbits}
+    matmuls_before = sum(n.op_type == "MatMul" for n in hqq.graph.node)
+
+    assert integer_zero_points(hqq, accuracy_level=None) == len(nbits) > 0
+    initializers = {i.name: i for i in hqq.graph.initializer}
+    assert all(initializers[n.input[3]].data_type == TensorProto.UINT8 for n in nbits)
+    # One block sum per distinct input (q/k/v share theirs), one correction per node.
+    assert sum(n.op_type == "MatMul" for n in hqq.graph.node) == matmuls_before + len(inputs) + len(nbits)
+    onnx.checker.check_model(hqq)
+    onnx.save(hqq, str(tmp_path / "integer_zero_points.onnx"))
+
+    feeds = {"input_ids": np.array([[5, 17, 99, 4, 250, 7]]), "attention_mask": np.ones((1, 6), np.int64)}
+    reference, rewritten = (
+        open_session(tmp_path / f) for f in ("float_zero_points.onnx", "integer_zero_points.onnx")
+    )
+    names = {i.name for i in reference.get_inputs()}
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(6)[None]
+    for i in reference.get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    expected = reference.run(["logits"], feeds)[0]
+    got = rewritten.run(["logits"], feeds)[0]
+    assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+    assert integer_zero_points(hqq, accuracy_level=None) == 0  # nothing left to rewrite
+
+
+def test_hqq_stage_runs_on_the_int8_kernel(llama, tmp_path):
+    import onnx
+    from onnx import helper
+
+    _, onnx_dir = llama
+    config = {"mode": "weight_only_int4", "int4_algorithm": "hqq", "block_size": 32, "accuracy_level": 4}
+    metrics = run_decoder_stage("quantize", config, onnx_dir, tmp_path / "q")
+    assert metrics["settings"]["float_zero_points_rewritten"] == metrics["quantized_ops"]["MatMulNBits"] == 14
+    nodes = [
+        n for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+    ]
+    assert all(
+        {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("accuracy_level") == 4 for n in nodes
+    )
+    assert np.isfinite(metrics["parity"]["max_abs_diff"])  # random weights: no quality to judge
+    _generate(tmp_path / "q")
