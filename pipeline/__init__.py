@@ -1,3 +1,3 @@
 """ONNX export and optimization pipeline for transformer models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

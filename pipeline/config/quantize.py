@@ -26,6 +26,7 @@ _MODE_FIELDS: dict[str, tuple[str, ...]] = {
     "accuracy_level": WEIGHT_ONLY,
     "int4_symmetric": WEIGHT_ONLY,
     "int4_algorithm": ("weight_only_int4",),
+    "lm_head_bits": WEIGHT_ONLY,
 }
 
 
@@ -140,6 +141,13 @@ class QuantizeConfig(StrictModel):
         description="text-generation: also quantize the LM head (a tied head is untied first, which "
         "makes the file bigger). Off by default: it cost the most quality where measured.",
     )
+    lm_head_bits: Literal[4, 8] | None = Field(
+        None,
+        description="Weight-only, with quantize_lm_head: the LM head's own bits (RTN, same block size and "
+        "accuracy_level; None = the mode's). The head is the largest matrix of a small LLM and is read at "
+        "every decode step. Measured on SmolLM2-135M with HQQ INT4 layers: a 4-bit head cost +9.4% "
+        "perplexity, an 8-bit head +0.1%.",
+    )
     parity_atol: float | None = Field(
         None,
         gt=0,
@@ -173,6 +181,8 @@ class QuantizeConfig(StrictModel):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.quantize_matmul_outputs and self.format != "QDQ":
             raise ValueError("quantize_matmul_outputs applies to format QDQ only")
+        if self.lm_head_bits is not None and not self.quantize_lm_head:
+            raise ValueError("lm_head_bits needs quantize_lm_head: true")
         if self.int4_algorithm == "hqq" and self.quantize_embedding:
             raise ValueError(
                 "quantize_embedding: HQQ cannot quantize the embedding (ONNX Runtime has no float zero "

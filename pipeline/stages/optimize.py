@@ -123,6 +123,17 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         ort_logger.setLevel(level)
 
     ort_stats = {k: int(v) for k, v in optimizer.get_fused_operator_statistics().items()}
+    # The task's own attention fusion where ORT has none (decoders: GroupQueryAttention).
+    attention_rewrite = ctx.task.fuse_attention(
+        optimizer.model, _config_json(ctx.input_dir), config.group_query_attention
+    )
+    if attention_rewrite["applied"]:
+        ctx.log.info(
+            "optimize: GroupQueryAttention in %d layers, %d -> %d nodes",
+            attention_rewrite["GroupQueryAttention"],
+            attention_rewrite["nodes_before"],
+            attention_rewrite["nodes_after"],
+        )
     fused = count_ops(optimizer.model, FUSED_OPS)
     attention = sum(count_ops(optimizer.model, ATTENTION_OPS).values())
     expected = expected_fusion(arch)
@@ -133,6 +144,7 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         else f"ONNX Runtime fused {attention} attention node(s) for {expected['Attention']} layers of this "
         f"{arch['model_type']} export (model type {arch['ort_model_type']}): attention fusion "
         + ("is partial" if attention else "is not available for this architecture/exporter")
+        + ("" if attention_rewrite["applied"] else f"; the task's own rewrite: {attention_rewrite['reason']}")
     )
     if verdict != "full" and config.require_attention_fusion:
         raise StageError(
@@ -176,6 +188,7 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         "fp16": config.fp16,
         "fused_ops": fused,
         "ort_fused_operator_statistics": ort_stats,
+        "attention_rewrite": attention_rewrite,
         "attention_fused": attention,
         "expected_fusion": expected,
         "attention_fusion_complete": attention >= expected["Attention"],
@@ -186,6 +199,11 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         "size_bytes": model_bytes(ctx.output_dir),
         "external_data": (ctx.output_dir / EXTERNAL_DATA_FILE).exists(),
     }
+
+
+def _config_json(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_architecture(folder: Path, override: str | None = None) -> dict[str, Any]:

@@ -114,19 +114,39 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
 
             bits = 4 if config.mode == "weight_only_int4" else 8
             level = config.accuracy_level if config.accuracy_level is not None or bits == 4 else 4
+            head = policy.notes.get("lm_head", {}).get("node")
+            head_bits = config.lm_head_bits if config.lm_head_bits not in (None, bits) and head else None
+            settings = dict(
+                block_size=config.block_size,
+                symmetric=config.int4_symmetric,
+                accuracy_level=level,
+                external=external,
+                log=ctx.log,
+            )
             metrics["settings"] = quantize_nbits(
                 prepared,
                 written,
                 bits=bits,
-                block_size=config.block_size,
-                symmetric=config.int4_symmetric,
-                accuracy_level=level,
                 algorithm=config.int4_algorithm,
                 op_types=op_types or ["MatMul"],
-                nodes_to_exclude=excluded,
-                external=external,
-                log=ctx.log,
+                nodes_to_exclude=[*excluded, head] if head_bits else excluded,
+                **settings,
             )
+            if head_bits:  # a second pass over the head alone, at its own bits
+                others = [n for n, op in graph_nodes(written).items() if op == "MatMul" and n != head]
+                with_head = work / "with_head" / MODEL_FILE
+                with_head.parent.mkdir()
+                quantize_nbits(
+                    written,
+                    with_head,
+                    bits=head_bits,
+                    algorithm="rtn",
+                    op_types=["MatMul"],
+                    nodes_to_exclude=others,
+                    **settings,
+                )
+                written = with_head
+            metrics["settings"]["lm_head_bits"] = head_bits or (bits if config.quantize_lm_head else None)
             metrics["auto_exclusion"] = None
         else:
             metrics.update(_int8(ctx, prepared, written, work, excluded, op_types, nodes, external, scorer))

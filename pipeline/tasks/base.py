@@ -251,6 +251,12 @@ class Task:
         """Task-specific facts of the export for its manifest."""
         return {}
 
+    def fuse_attention(self, proto: Any, config: dict[str, Any], required: bool | None) -> dict[str, Any]:
+        """The task's own attention fusion on ORT's fused graph `proto`, in place (config: the
+        model's config.json; required: the recipe's switch, None = where it applies). Returns what
+        was done: {"applied": bool, ...}."""
+        return {"applied": False, "reason": f"no attention rewrite of its own for {self.name}"}
+
     # -- quantization policy -----------------------------------------------------------------------
 
     def quantization_policy(self, proto: Any, config: Any = None) -> QuantPolicy:

@@ -187,3 +187,36 @@ def test_hqq_stage_runs_on_the_int8_kernel(llama, tmp_path):
     )
     assert np.isfinite(metrics["parity"]["max_abs_diff"])  # random weights: no quality to judge
     _generate(tmp_path / "q")
+
+
+def test_lm_head_gets_its_own_bits(llama, tmp_path):
+    import onnx
+    from onnx import helper
+
+    from pipeline.config import QuantizeConfig
+    from pipeline.tasks.text_generation.graph import lm_head_node
+
+    _, onnx_dir = llama
+    config = {
+        "mode": "weight_only_int4",
+        "int4_algorithm": "hqq",
+        "accuracy_level": 4,
+        "quantize_lm_head": True,
+        "lm_head_bits": 8,
+    }
+    metrics = run_decoder_stage("quantize", config, onnx_dir, tmp_path / "q")
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    bits = {
+        n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"]
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    head = lm_head_node(model)
+    assert head.op_type == "MatMulNBits" and bits.pop(head.name) == 8
+    assert len(bits) == 14 and set(bits.values()) == {4}
+    assert metrics["settings"]["lm_head_bits"] == 8 and metrics["lm_head"]["quantized"]
+    _generate(tmp_path / "q")
+    with pytest.raises(ValidationError, match="lm_head_bits needs quantize_lm_head"):
+        QuantizeConfig(mode="weight_only_int4", lm_head_bits=8)
+    with pytest.raises(ValidationError, match="lm_head_bits does not apply to mode dynamic"):
+        QuantizeConfig(mode="dynamic", quantize_lm_head=True, lm_head_bits=8)

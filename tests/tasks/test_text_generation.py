@@ -158,20 +158,56 @@ def test_fusion_stats_are_measured(decoder, tmp_path):
 
     arch, _, onnx_dir = decoder
     parity = {"shapes": [[2, 3], [2, 3], [2, 3]], "past_lens": [4]}
-    stats = run_decoder_stage(
-        "optimize", {"require_attention_fusion": False}, onnx_dir, tmp_path / "f", parity
-    )
-    # Measured on onnxruntime 1.32 + optimum-onnx 0.1.0: no attention fusion for either family.
+    plain = {"require_attention_fusion": False, "group_query_attention": False}
+    stats = run_decoder_stage("optimize", plain, onnx_dir, tmp_path / "f", parity)
+    # Measured on onnxruntime 1.32 + optimum-onnx 0.1.0: ORT fuses no attention for either family.
     assert stats["attention_fused"] == 0 and stats["attention_fusion"] == "not available"
-    assert "not available" in stats["note"]
+    assert "not available" in stats["note"] and stats["attention_rewrite"]["applied"] is False
     if arch == "gpt2":
         assert stats["fused_ops"]["FastGelu"] == 2 and stats["fused_ops"]["SkipLayerNormalization"] == 4
     else:
         assert stats["fused_ops"]["RotaryEmbedding"] == 4
     assert stats["parity"]["max_abs_diff"] < 1e-3
     assert (tmp_path / "f" / "model.onnx").is_file() and (tmp_path / "f" / "config.json").is_file()
-    with pytest.raises(StageError, match="attention fusion fell short"):
-        run_decoder_stage("optimize", {}, onnx_dir, tmp_path / "strict", parity)
+    if arch == "gpt2":
+        with pytest.raises(StageError, match="attention fusion fell short"):
+            run_decoder_stage("optimize", {}, onnx_dir, tmp_path / "strict", parity)
+
+
+def test_group_query_attention_replaces_each_layer(decoder, tmp_path):
+    """Llama / Qwen2: one GroupQueryAttention per layer, the unfused graph's I/O, parity with it on
+    prompts with left-padded rows and on decode steps after a past, and the same greedy tokens."""
+    import onnx
+
+    from pipeline.errors import InputError
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator
+
+    arch, _, onnx_dir = decoder
+    parity = {"shapes": [[3, 2], [3, 9], [3, 9]], "past_lens": [1, 17]}
+    if arch == "gpt2":
+        with pytest.raises(InputError, match="group_query_attention: does not apply .* model_type 'gpt2'"):
+            run_decoder_stage("optimize", {"group_query_attention": True}, onnx_dir, tmp_path / "g", parity)
+        return
+    stats = run_decoder_stage("optimize", {}, onnx_dir, tmp_path / "g", parity)  # attention required
+    rewrite = stats["attention_rewrite"]
+    assert rewrite["applied"] and rewrite["GroupQueryAttention"] == 2
+    assert rewrite["matmuls_packed"] == 4  # q/k/v and gate/up of each layer
+    assert rewrite["nodes_after"] < rewrite["nodes_before"] / 3
+    assert stats["attention_fusion"] == "full" and stats["fused_ops"]["GroupQueryAttention"] == 2
+    assert stats["parity"]["max_abs_diff"] < 1e-4 and stats["parity"]["argmax_agreement"] == 1.0
+    fused, unfused = (onnx.load(str(d / "model.onnx")) for d in (tmp_path / "g", onnx_dir))
+    assert [i.name for i in fused.graph.input] == [i.name for i in unfused.graph.input]
+    assert [o.name for o in fused.graph.output] == [o.name for o in unfused.graph.output]
+    assert not any(n.op_type in ("Softmax", "Expand") and "self_attn" in n.name for n in fused.graph.node)
+    assert sum(n.op_type == "MatMul" for n in fused.graph.node) == 2 * 4 + 1  # packed, o, down; head
+    prompts = np.array([[0, 0, 5, 17, 99], [8, 3, 5, 17, 99]])  # row 0 left-padded
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    new, old = (
+        OnnxGreedyGenerator(open_session(d / "model.onnx")).generate(prompts, 8, attention_mask=mask)
+        for d in (tmp_path / "g", onnx_dir)
+    )
+    np.testing.assert_array_equal(new, old)
 
 
 def test_export_without_past_is_a_clear_error(decoder, tmp_path):
@@ -445,3 +481,14 @@ def test_genai_config_names_the_graph_io(tmp_path_factory, tmp_path, arch):
     generator.append_tokens([[5, 6, 7]])
     generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 4
+
+
+def test_group_query_attention_handles_projection_biases(tmp_path_factory, tmp_path):
+    """Qwen2's q/k/v projections carry biases (MatMul + Add): the rewrite starts after them."""
+    from helpers import tiny_decoder
+
+    _, onnx_dir = tiny_decoder(tmp_path_factory, "qwen2")
+    parity = {"shapes": [[3, 2], [3, 9], [3, 9]], "past_lens": [1, 17]}
+    stats = run_decoder_stage("optimize", {"group_query_attention": True}, onnx_dir, tmp_path / "g", parity)
+    assert stats["attention_rewrite"]["GroupQueryAttention"] == 2
+    assert stats["parity"]["max_abs_diff"] < 1e-4 and stats["parity"]["argmax_agreement"] == 1.0

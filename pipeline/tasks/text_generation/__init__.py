@@ -56,6 +56,24 @@ class TextGeneration(Task):
 
         return {"gemm_rewritten_as_matmul": gemm_to_matmul(proto)}
 
+    def fuse_attention(self, proto: Any, config: dict[str, Any], required: bool | None) -> dict[str, Any]:
+        from pipeline.tasks.text_generation.attention import NotApplicable, group_query_attention
+        from pipeline.tasks.text_generation.graph import pack_sibling_matmuls
+
+        if required is False:
+            return {"applied": False, "reason": "group_query_attention: false in the recipe"}
+
+        try:
+            done = group_query_attention(proto, config)
+        except NotApplicable as why:
+            if required:
+                raise InputError(
+                    f"optimize.group_query_attention: does not apply to this model: {why}"
+                ) from None
+            return {"applied": False, "reason": str(why)}
+        # q/k/v now feed GroupQueryAttention directly, so they (and gate/up) can share one MatMul.
+        return {"applied": True, **done, "matmuls_packed": pack_sibling_matmuls(proto)}
+
     def parity_cases(self, session: Any, shapes: Sequence[Sequence[int]], vocab_size: int, past_lens=None):
         from pipeline.tasks.text_generation.adapter import parity_cases
 

@@ -1,0 +1,261 @@
+"""GroupQueryAttention for Llama-style decoders: one contrib op per layer instead of ~100 nodes.
+
+ONNX Runtime's transformer optimizer fuses RotaryEmbedding and SkipSimplifiedLayerNormalization in
+optimum's Llama export, but no attention: each layer keeps the causal/padding mask arithmetic, the
+repeat-kv Expand/Reshape of grouped KV heads, two Concats for the cache and the softmax chain, about
+8,000 nodes for SmolLM2's 30 layers, most of them shape arithmetic that runs at every decode step.
+This rewrite replaces each layer's attention, from its q/k/v projections to its o_proj input, with
+`com.microsoft.GroupQueryAttention`, keeping the graph's inputs and outputs (names, shapes, the
+past/present cache layout) exactly as they were:
+
+- q and k are rotated by RotaryEmbedding nodes on the [batch, seq, heads x head] projections, with
+  the cos/sin caches and position ids of the RotaryEmbedding nodes ORT fused (so Hugging Face's
+  position ids, 1 at left-padded slots, still decide the rotation); GQA itself does no rotary.
+- Padding is an additive attention bias built once from `attention_mask` (0 where a key is real,
+  the lowest float where it is padding); GQA applies the causal mask. `seqlens_k` is the total
+  length minus one for every row and `total_sequence_length` the mask's length, so the cache holds
+  every slot, padded or not, as the unfused graph does.
+
+The result is proven equal to the unfused graph by the optimize stage's parity grid (prompts with
+left-padded rows, decode steps after a past). Measured on SmolLM2-135M (one interleaved run,
+decode at past 256): fp32 85 -> 74 ms, HQQ INT4 72 -> 48 ms; perplexity unchanged.
+
+Applies when every layer matches: `/model/layers.{i}/self_attn/{q,k,v,o}_proj/MatMul` (the
+TorchScript exporter's module-path names), q and k each reaching a fused RotaryEmbedding through
+Reshape -> Transpose, and `present.{i}.key/value` made by Concat(past, new). Anything else is
+reported as not applicable, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GQA_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class NotApplicable(Exception):
+    """The graph or the model is not one this rewrite handles; the message says why."""
+
+
+def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite `model` (an ORT-fused decoder ModelProto) in place; `config` is its config.json.
+    Returns {"GroupQueryAttention": layers rewritten, "nodes_before": n, "nodes_after": n}."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    _check_config(config)
+    graph = model.graph
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    inputs = {i.name for i in graph.input}
+    for name in ("input_ids", "attention_mask"):
+        if name not in inputs:
+            raise NotApplicable(f"the graph has no input {name}")
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    by_name = {node.name: node for node in graph.node}
+    nodes_before = len(graph.node)
+
+    def constant(name: str, value: Any) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def projection_output(layer: int, proj: str) -> str:
+        node = by_name.get(f"/model/layers.{layer}/self_attn/{proj}/MatMul")
+        if node is None:
+            raise NotApplicable(f"layer {layer}: no node /model/layers.{layer}/self_attn/{proj}/MatMul")
+        out = node.output[0]
+        after = consumers.get(out, [])
+        if len(after) == 1 and after[0].op_type == "Add":  # a projection bias (Qwen2)
+            out = after[0].output[0]
+        return out
+
+    def rotary_of(layer: int, proj: str) -> Any:
+        for reshape in consumers.get(projection_output(layer, proj), []):
+            for transpose in consumers.get(reshape.output[0], []) if reshape.op_type == "Reshape" else []:
+                for rotary in (
+                    consumers.get(transpose.output[0], []) if transpose.op_type == "Transpose" else []
+                ):
+                    if rotary.op_type == "RotaryEmbedding":
+                        return rotary
+        raise NotApplicable(f"layer {layer}: {proj} does not reach a fused RotaryEmbedding")
+
+    added: list[Any] = []
+    rewired: list[tuple[Any, str]] = []  # (o_proj node, new input) applied once every layer matched
+    caches: set[tuple[str, str]] = set()
+    layers = 0
+    while f"/model/layers.{layers}/self_attn/q_proj/MatMul" in by_name:
+        layer, scope = layers, f"/model/layers.{layers}/self_attn/"
+        o_proj = by_name.get(scope + "o_proj/MatMul")
+        if o_proj is None:
+            raise NotApplicable(f"layer {layer}: no node {scope}o_proj/MatMul")
+        rotary_q, rotary_k = rotary_of(layer, "q_proj"), rotary_of(layer, "k_proj")
+        value = projection_output(layer, "v_proj")
+        past, present = f"past_key_values.{layer}", f"present.{layer}"
+        for kind in ("key", "value"):
+            made_by = producer.get(f"{present}.{kind}")
+            if made_by is None or made_by.op_type != "Concat" or made_by.input[0] != f"{past}.{kind}":
+                raise NotApplicable(f"layer {layer}: {present}.{kind} is not Concat({past}.{kind}, new)")
+        position_ids, cos, sin = rotary_q.input[1], rotary_q.input[2], rotary_q.input[3]
+        caches.add((cos, sin))
+        # interleaved, scale, rotary_embedding_dim as ORT fused them; the head count is per input.
+        attributes = {a.name: helper.get_attribute_value(a) for a in rotary_q.attribute}
+        attributes.pop("num_heads", None)
+        added += [
+            helper.make_node(
+                "RotaryEmbedding",
+                [projection_output(layer, "q_proj"), position_ids, cos, sin],
+                [scope + "gqa/q_rotated"],
+                name=scope + "gqa/q_rotary",
+                domain="com.microsoft",
+                num_heads=heads,
+                **attributes,
+            ),
+            helper.make_node(
+                "RotaryEmbedding",
+                [projection_output(layer, "k_proj"), rotary_k.input[1], rotary_k.input[2], rotary_k.input[3]],
+                [scope + "gqa/k_rotated"],
+                name=scope + "gqa/k_rotary",
+                domain="com.microsoft",
+                num_heads=kv_heads,
+                **attributes,
+            ),
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    scope + "gqa/q_rotated",
+                    scope + "gqa/k_rotated",
+                    value,
+                    f"{past}.key",
+                    f"{past}.value",
+                    "gqa/seqlens_k",
+                    "gqa/total_sequence_length",
+                    "",
+                    "",
+                    "",
+                    "gqa/attention_bias",
+                ],
+                [scope + "gqa/output", f"{present}.key", f"{present}.value"],
+                name=scope + "GroupQueryAttention",
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=kv_heads,
+            ),
+        ]
+        rewired.append((o_proj, scope + "gqa/output"))
+        layers += 1
+    if not layers:
+        raise NotApplicable("no /model/layers.{i}/self_attn/q_proj/MatMul nodes")
+
+    # Every layer matched and nothing was changed so far. Computed once per call: seqlens_k,
+    # total_sequence_length and the padding bias.
+    one, two = constant("gqa/one", np.array([1], np.int64)), constant("gqa/two", np.array([2], np.int64))
+    zero = constant("gqa/zero", np.array([0], np.int64))
+    shared = [
+        helper.make_node("Shape", ["attention_mask"], ["gqa/mask_shape"]),
+        helper.make_node("Shape", ["input_ids"], ["gqa/ids_shape"]),
+        helper.make_node("Slice", ["gqa/mask_shape", zero, one], ["gqa/batch"]),
+        helper.make_node("Slice", ["gqa/mask_shape", one, two], ["gqa/total"]),
+        helper.make_node("Slice", ["gqa/ids_shape", one, two], ["gqa/seq"]),
+        helper.make_node("Cast", ["gqa/total"], ["gqa/total_int32"], to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["gqa/total_int32", zero], ["gqa/total_sequence_length"]),
+        helper.make_node(
+            "Sub", ["gqa/total_int32", constant("gqa/one_int32", np.array([1], np.int32))], ["gqa/last"]
+        ),
+        helper.make_node("Expand", ["gqa/last", "gqa/batch"], ["gqa/seqlens_k"]),
+        helper.make_node("Cast", ["attention_mask"], ["gqa/mask_bool"], to=TensorProto.BOOL),
+        helper.make_node(
+            "Where",
+            [
+                "gqa/mask_bool",
+                constant("gqa/zero_float", np.array(0.0, np.float32)),
+                constant("gqa/lowest_float", np.array(np.finfo(np.float32).min, np.float32)),
+            ],
+            ["gqa/bias_keys"],
+        ),
+        helper.make_node(
+            "Unsqueeze",
+            ["gqa/bias_keys", constant("gqa/axes", np.array([1, 2], np.int64))],
+            ["gqa/bias_b11t"],
+        ),
+        helper.make_node("Concat", ["gqa/batch", one, "gqa/seq", "gqa/total"], ["gqa/bias_shape"], axis=0),
+        helper.make_node("Expand", ["gqa/bias_b11t", "gqa/bias_shape"], ["gqa/attention_bias"]),
+    ]
+    for node in shared:
+        node.name = node.output[0]
+
+    for o_proj, attention_output in rewired:
+        o_proj.input[0] = attention_output
+    for layer in range(layers):  # the old cache Concats become dead code
+        for kind in ("key", "value"):
+            concat = producer[f"present.{layer}.{kind}"]
+            concat.output[0] = f"present.{layer}.{kind}/unfused"
+    _shrink_rotary_caches(graph, caches, config)
+    ordered = _topological([*graph.node, *shared, *added], graph)
+    kept = _live(ordered, graph)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    live_initializers = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live_initializers)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"GroupQueryAttention": layers, "nodes_before": nodes_before, "nodes_after": len(kept)}
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    model_type = config.get("model_type")
+    if model_type not in GQA_MODEL_TYPES:
+        raise NotApplicable(f"model_type {model_type!r} (handled: {', '.join(GQA_MODEL_TYPES)})")
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        raise NotApplicable(f"sliding-window attention (sliding_window {config['sliding_window']})")
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "dynamic":
+        raise NotApplicable("dynamic rope scaling (cos/sin depend on the sequence length)")
+
+
+def _shrink_rotary_caches(graph: Any, caches: set[tuple[str, str]], config: dict[str, Any]) -> None:
+    """ORT's rotary fusion writes cos/sin caches of a fixed 131,072 positions (33 MB for head 64);
+    positions past the model's max_position_embeddings are never valid, so they are cut."""
+    from onnx import numpy_helper
+
+    limit = config.get("max_position_embeddings")
+    if not limit:
+        return
+    names = {name for pair in caches for name in pair}
+    for init in graph.initializer:
+        if init.name in names and init.dims and init.dims[0] > limit:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:limit], init.name))
+
+
+def _topological(nodes: list[Any], graph: Any) -> list[Any]:
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            missing = [n for n in waiting[0].input if n not in ready]
+            raise NotApplicable(f"rewritten graph is not a DAG: {waiting[0].name} waits for {missing[:3]}")
+        pending = waiting
+    return ordered
+
+
+def _live(ordered: list[Any], graph: Any) -> list[Any]:
+    """The nodes the graph's outputs depend on, in order (dead-code elimination)."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(ordered):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1]
