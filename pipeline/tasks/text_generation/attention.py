@@ -99,35 +99,16 @@ def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
             made_by = producer.get(f"{present}.{kind}")
             if made_by is None or made_by.op_type != "Concat" or made_by.input[0] != f"{past}.{kind}":
                 raise NotApplicable(f"layer {layer}: {present}.{kind} is not Concat({past}.{kind}, new)")
-        position_ids, cos, sin = rotary_q.input[1], rotary_q.input[2], rotary_q.input[3]
-        caches.add((cos, sin))
-        # interleaved, scale, rotary_embedding_dim as ORT fused them; the head count is per input.
-        attributes = {a.name: helper.get_attribute_value(a) for a in rotary_q.attribute}
-        attributes.pop("num_heads", None)
+        caches.update({tuple(rotary_q.input[2:4]), tuple(rotary_k.input[2:4])})
+
         added += [
-            helper.make_node(
-                "RotaryEmbedding",
-                [projection_output(layer, "q_proj"), position_ids, cos, sin],
-                [scope + "gqa/q_rotated"],
-                name=scope + "gqa/q_rotary",
-                domain="com.microsoft",
-                num_heads=heads,
-                **attributes,
-            ),
-            helper.make_node(
-                "RotaryEmbedding",
-                [projection_output(layer, "k_proj"), rotary_k.input[1], rotary_k.input[2], rotary_k.input[3]],
-                [scope + "gqa/k_rotated"],
-                name=scope + "gqa/k_rotary",
-                domain="com.microsoft",
-                num_heads=kv_heads,
-                **attributes,
-            ),
+            _rotated(projection_output(layer, "q_proj"), rotary_q, heads, f"{scope}gqa/q_proj"),
+            _rotated(projection_output(layer, "k_proj"), rotary_k, kv_heads, f"{scope}gqa/k_proj"),
             helper.make_node(
                 "GroupQueryAttention",
                 [
-                    scope + "gqa/q_rotated",
-                    scope + "gqa/k_rotated",
+                    scope + "gqa/q_proj_rotated",
+                    scope + "gqa/k_proj_rotated",
                     value,
                     f"{past}.key",
                     f"{past}.value",
@@ -205,6 +186,23 @@ def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"GroupQueryAttention": layers, "nodes_before": nodes_before, "nodes_after": len(kept)}
+
+
+def _rotated(projection: str, fused: Any, heads: int, prefix: str) -> Any:
+    """RotaryEmbedding of a [batch, seq, heads x head] projection, with the position ids, caches
+    and attributes (interleaved, scale, rotary_embedding_dim) of the node ORT fused."""
+    from onnx import helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in fused.attribute}
+    attributes["num_heads"] = heads
+    return helper.make_node(
+        "RotaryEmbedding",
+        [projection, *fused.input[1:4]],
+        [f"{prefix}_rotated"],
+        name=f"{prefix}_rotary",
+        domain="com.microsoft",
+        **attributes,
+    )
 
 
 def _check_config(config: dict[str, Any]) -> None:
