@@ -84,6 +84,7 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         count_ops,
         model_bytes,
         model_file,
+        read_config,
         save_onnx,
     )
     from pipeline.onnx.parity import parity_grid, session_reference
@@ -125,7 +126,7 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
     ort_stats = {k: int(v) for k, v in optimizer.get_fused_operator_statistics().items()}
     # The task's own attention fusion where ORT has none (decoders: GroupQueryAttention).
     attention_rewrite = ctx.task.fuse_attention(
-        optimizer.model, _config_json(ctx.input_dir), config.group_query_attention
+        optimizer.model, read_config(ctx.input_dir), config.group_query_attention
     )
     if attention_rewrite["applied"]:
         ctx.log.info(
@@ -199,11 +200,6 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
         "size_bytes": model_bytes(ctx.output_dir),
         "external_data": (ctx.output_dir / EXTERNAL_DATA_FILE).exists(),
     }
-
-
-def _config_json(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_architecture(folder: Path, override: str | None = None) -> dict[str, Any]:

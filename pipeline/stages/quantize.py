@@ -116,7 +116,7 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
             level = config.accuracy_level if config.accuracy_level is not None or bits == 4 else 4
             head = policy.notes.get("lm_head", {}).get("node")
             head_bits = config.lm_head_bits if config.lm_head_bits not in (None, bits) and head else None
-            settings = dict(
+            nbits_args = dict(
                 block_size=config.block_size,
                 symmetric=config.int4_symmetric,
                 accuracy_level=level,
@@ -130,7 +130,7 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
                 algorithm=config.int4_algorithm,
                 op_types=op_types or ["MatMul"],
                 nodes_to_exclude=[*excluded, head] if head_bits else excluded,
-                **settings,
+                **nbits_args,
             )
             if head_bits:  # a second pass over the head alone, at its own bits
                 others = [n for n, op in graph_nodes(written).items() if op == "MatMul" and n != head]
@@ -143,7 +143,7 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
                     algorithm="rtn",
                     op_types=["MatMul"],
                     nodes_to_exclude=others,
-                    **settings,
+                    **nbits_args,
                 )
                 written = with_head
             metrics["settings"]["lm_head_bits"] = head_bits or (bits if config.quantize_lm_head else None)

@@ -160,9 +160,13 @@ def pack_sibling_matmuls(model: Any) -> int:
         weights = [numpy_helper.to_array(inits[m.input[1]]) for m in members]
         if len(members) < 2 or len({w.shape[0] for w in weights}) != 1:
             continue
+        # ".../self_attn/q_proj/MatMul" + k + v -> ".../self_attn/packed_q_proj_k_proj_v_proj"
         parts = [m.name.rsplit("/", 2) for m in members]
-        scope = parts[0][0] if all(len(p) == 3 and p[0] == parts[0][0] for p in parts) else source
-        name = f"{scope}/packed_{'_'.join(p[-2] for p in parts)}" if scope != source else f"{source}/packed"
+        scopes = {p[0] for p in parts if len(p) == 3}
+        if len(scopes) == 1 and all(len(p) == 3 for p in parts):
+            name = f"{scopes.pop()}/packed_{'_'.join(p[1] for p in parts)}"
+        else:
+            name = f"{source}/packed"
         graph.initializer.extend(
             [
                 numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}.weight"),
