@@ -88,13 +88,14 @@ def test_parity_checks_present_outputs_not_only_logits(decoder, tmp_path):
 def test_fp32_greedy_generation_agrees_fully_with_pytorch(decoder):
     from pipeline.onnx.session import open_session
     from pipeline.tasks import get_task
-    from pipeline.tasks.text_generation.generate import greedy_agreement, prompts_from_texts
+    from pipeline.tasks.text_generation.generate import GREEDY_BATCH, greedy_agreement, prompts_from_texts
 
     _, hf, onnx_dir = decoder
     model = get_task("text-generation").load_model(hf)
     prompts = prompts_from_texts(shared_tokenizer(), held_out_texts(), 4, min_len=5, max_len=20)
     result = greedy_agreement(model, open_session(onnx_dir / "model.onnx"), prompts, 12)
     assert result["prompts"] == 4 and result["new_tokens"] == 12
+    assert result["batch_size"] == GREEDY_BATCH  # one left-padded batch, prompts of 5..20 tokens
     assert result["token_agreement"] == 1.0 and result["exact_sequences"] == 1.0
     # Not a degenerate model that repeats one token: the agreement means something.
     assert max(len(set(s["onnx"])) for s in result["samples"]) > 3
@@ -114,10 +115,15 @@ def test_agreement_stops_generating_at_the_first_divergence(decoder):
     wrong = full[:3] + [(full[3] + 1) % 50] + full[4:]
     stopped = (
         OnnxGreedyGenerator(session)
-        .generate(np.asarray([prompt]), 12, pad_token_id=PAD, until_diverging_from=wrong)[0]
+        .generate(np.asarray([prompt]), 12, pad_token_id=PAD, until_diverging_from=[wrong])[0]
         .tolist()
     )
     assert stopped == full[:4] + [PAD] * 8
+    # In a batch each row stops at its own divergence: the row with the right reference runs on.
+    both = OnnxGreedyGenerator(session).generate(
+        np.asarray([prompt, prompt]), 12, pad_token_id=PAD, until_diverging_from=[wrong, full]
+    )
+    assert both.tolist() == [full[:4] + [PAD] * 8, full]
     model = get_task("text-generation").load_model(hf)
     result = greedy_agreement(model, session, [prompt], 12, references=[wrong])
     assert result["token_agreement"] == 3 / 12 and result["first_divergence"] == [3]

@@ -16,6 +16,9 @@ from pipeline.errors import InputError
 from pipeline.tasks.text_generation.io import DecoderIO
 
 PAD = -1  # marks the positions after an EOS in compared sequences
+# Prompts per generation call: one left-padded batch of 20 prompts costs about what 3 single
+# prompts do, and validation generates for PyTorch and every variant.
+GREEDY_BATCH = 32
 
 
 class OnnxGreedyGenerator:
@@ -32,15 +35,16 @@ class OnnxGreedyGenerator:
         attention_mask: np.ndarray | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int = 0,
-        until_diverging_from: Sequence[int] | None = None,
+        until_diverging_from: Sequence[Sequence[int]] | None = None,
     ) -> np.ndarray:
         """New token ids [batch, max_new_tokens] after the (left-padded) prompts `input_ids`.
 
         With `eos_token_id` (one id or several), a row that produced one is padded with
         `pad_token_id` afterwards and the loop stops once every row is done; without it exactly
-        max_new_tokens are produced. `until_diverging_from` (one prompt): stop after the first token
-        that differs from this reference continuation, the rest padded: an agreement check compares
-        nothing after it, and a variant that diverges early then costs a few steps, not all.
+        max_new_tokens are produced. `until_diverging_from` (one reference continuation per row):
+        a row stops after its first token that differs from its reference, the rest padded: an
+        agreement check compares nothing after it, and a variant that diverges early then costs a
+        few steps, not all.
         """
         ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         if ids.shape[1] < 1:
@@ -55,8 +59,16 @@ class OnnxGreedyGenerator:
         if mask.shape != ids.shape:
             raise InputError(f"generate: attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         batch = ids.shape[0]
-        if until_diverging_from is not None and batch != 1:
-            raise InputError(f"generate: until_diverging_from needs one prompt, got a batch of {batch}")
+        references = None
+        if until_diverging_from is not None:
+            if len(until_diverging_from) != batch:
+                raise InputError(
+                    f"generate: until_diverging_from has {len(until_diverging_from)} references for "
+                    f"{batch} prompts"
+                )
+            references = np.asarray([list(r)[:max_new_tokens] for r in until_diverging_from], np.int64)
+            if references.shape != (batch, max_new_tokens):
+                raise InputError(f"generate: each reference needs {max_new_tokens} tokens")
         past = self.io.empty_past(batch)
         names = list(self.io.output_names)
         logits_index = names.index("logits")
@@ -66,18 +78,19 @@ class OnnxGreedyGenerator:
         step_ids = ids
         for step in range(max_new_tokens):
             outputs = self.session.run(names, self.io.feeds(step_ids, mask, past))
-            next_ids = np.argmax(outputs[logits_index][:, -1, :], axis=-1).astype(np.int64)
-            next_ids = np.where(done, pad_token_id, next_ids)
+            argmax = np.argmax(outputs[logits_index][:, -1, :], axis=-1).astype(np.int64)
+            next_ids = np.where(done, pad_token_id, argmax)
             produced[:, step] = next_ids
-            if until_diverging_from is not None and next_ids[0] != until_diverging_from[step]:
-                break
+            if references is not None:
+                done |= next_ids != references[:, step]
             if eos.size:
                 done |= np.isin(next_ids, eos)
-                if done.all():
-                    break
+            if done.all():
+                break
             past = self.io.past_from_outputs(outputs)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            step_ids = next_ids[:, None]
+            # A finished row keeps being fed (its output is discarded): its argmax, a valid id.
+            step_ids = argmax[:, None]
         return produced
 
 
@@ -96,17 +109,47 @@ def eos_ids(model: Any) -> list[int]:
     return _ids(value)
 
 
-def torch_greedy(model: Any, prompt: Sequence[int], max_new_tokens: int, pad: int = PAD) -> list[int]:
-    """transformers' generate() greedy for one prompt: max_new_tokens ids, `pad` after an EOS.
+def left_padded(prompts: Sequence[Sequence[int]], fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) [len(prompts), longest]: the prompts left-padded with `fill`."""
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), fill, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, -len(prompt) :] = prompt
+            mask[row, -len(prompt) :] = 1
+    return ids, mask
 
-    A fresh GenerationConfig (greedy, no repetition penalty or other processors a hub model's
-    generation_config may carry) so the reference is plain argmax decoding, as the ONNX loop is.
+
+def greedy_batch_size(session: Any) -> int:
+    """Prompts per generation call for `session`: GREEDY_BATCH when it takes position_ids (a
+    left-padded row then sees exactly the positions it would alone), else 1: a decoder that derives
+    positions from the mask (ONNX Runtime GenAI's builder) mis-rotates left-padded rows."""
+    return GREEDY_BATCH if DecoderIO.from_session(session).has_position_ids else 1
+
+
+def _batches(prompts: Sequence[Sequence[int]], size: int) -> list[Sequence[Sequence[int]]]:
+    return [prompts[start : start + size] for start in range(0, len(prompts), size)]
+
+
+def torch_greedy(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    pad: int = PAD,
+    batch_size: int = GREEDY_BATCH,
+) -> list[list[int]]:
+    """transformers' generate() greedy for each prompt: max_new_tokens ids, `pad` after an EOS.
+
+    `batch_size` left-padded prompts per generate() call (the ONNX loop is compared on the same
+    batches, so both see the same padded inputs). A fresh GenerationConfig (greedy, no repetition
+    penalty or other processors a hub model's generation_config may carry) so the reference is
+    plain argmax decoding, as the ONNX loop is.
     """
     import torch
     from transformers import GenerationConfig
 
     eos = eos_ids(model)
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
     config = GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -116,14 +159,21 @@ def torch_greedy(model: Any, prompt: Sequence[int], max_new_tokens: int, pad: in
         pad_token_id=eos[0] if eos else 0,
         use_cache=True,
     )
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    tokens = out[0, ids.shape[1] :].tolist()
-    for index, token in enumerate(tokens):
-        if token in eos:
-            tokens = tokens[: index + 1]
-            break
-    return tokens + [pad] * (max_new_tokens - len(tokens))
+    continuations: list[list[int]] = []
+    for group in _batches(prompts, batch_size):
+        ids, mask = left_padded(group, fill=eos[0] if eos else 0)
+        with torch.no_grad():
+            out = model.generate(
+                torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), generation_config=config
+            )
+        for row in out[:, ids.shape[1] :].tolist():
+            tokens = row
+            for index, token in enumerate(row):
+                if token in eos:
+                    tokens = row[: index + 1]
+                    break
+            continuations.append(tokens + [pad] * (max_new_tokens - len(tokens)))
+    return continuations
 
 
 def greedy_agreement(
@@ -137,34 +187,42 @@ def greedy_agreement(
 ) -> dict[str, Any]:
     """Greedy tokens of `session` (KV-cache loop) vs PyTorch's generate() on each prompt.
 
-    `references` are PyTorch's continuations (`torch_greedy` of each prompt) when the caller has
-    them already: a validation of several variants generates them once, not once per variant.
+    Both run the prompts in the same left-padded batches of `greedy_batch_size(session)`.
+    `references` are PyTorch's continuations (`torch_greedy` of the prompts with that batch size)
+    when the caller has them already: a validation of several variants generates them once.
 
     Both stop at the model's EOS id(s); positions after it count as padding (equal when both
     stopped there). `token_agreement` counts, per prompt, the generated tokens before the first
     divergence (after it the two continue from different contexts, so later positions are not
-    comparable) over all generated tokens, so the ONNX loop stops at that first divergent token
-    (the samples' ONNX tokens end there, padded). `exact_sequences` is the fraction of prompts
-    whose continuations are identical.
+    comparable) over all generated tokens, so the ONNX loop stops a row at its first divergent
+    token (the samples' ONNX tokens end there, padded). `exact_sequences` is the fraction of
+    prompts whose continuations are identical.
     """
     if not prompts:
         raise InputError("greedy_agreement: no prompts")
+    batch_size = greedy_batch_size(session)
     if references is None:
-        references = [torch_greedy(model, prompt, max_new_tokens) for prompt in prompts]
+        references = torch_greedy(model, prompts, max_new_tokens, batch_size=batch_size)
     if len(references) != len(prompts):
         raise InputError(f"greedy_agreement: {len(references)} references for {len(prompts)} prompts")
     generator = OnnxGreedyGenerator(session, label)
     eos = eos_ids(model)
-    matched, divergences, exact = 0, [], 0
-    samples = []
-    for prompt, reference in zip(prompts, references, strict=True):
-        onnx_tokens = generator.generate(
-            np.asarray([prompt]),
+    onnx_rows: list[list[int]] = []
+    for group, group_references in zip(
+        _batches(prompts, batch_size), _batches(references, batch_size), strict=True
+    ):
+        ids, mask = left_padded(group, fill=eos[0] if eos else 0)
+        onnx_rows += generator.generate(
+            ids,
             max_new_tokens,
+            attention_mask=mask,
             eos_token_id=eos,
             pad_token_id=PAD,
-            until_diverging_from=reference,
-        )[0].tolist()
+            until_diverging_from=group_references,
+        ).tolist()
+    matched, divergences, exact = 0, [], 0
+    samples = []
+    for prompt, reference, onnx_tokens in zip(prompts, references, onnx_rows, strict=True):
         prefix = next(
             (i for i, (a, b) in enumerate(zip(reference, onnx_tokens, strict=True)) if a != b),
             max_new_tokens,
@@ -178,6 +236,7 @@ def greedy_agreement(
     return {
         "prompts": len(prompts),
         "new_tokens": max_new_tokens,
+        "batch_size": batch_size,
         "eos_token_ids": eos,
         "token_agreement": matched / total,
         "exact_sequences": exact / len(prompts),

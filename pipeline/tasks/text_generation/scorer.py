@@ -47,7 +47,8 @@ class DecoderScorer:
         self.new_tokens = new_tokens
         self.window_asked = window
         self.model: Any = None
-        self.references: list[list[int]] | None = None  # PyTorch's greedy tokens, made once
+        # PyTorch's greedy tokens per generation batch size (greedy_batch_size), made once each
+        self.references: dict[int, list[list[int]]] = {}
         self.base: dict[str, Any] = {}
         self.settings: dict[str, Any] = {
             "latency_meaning": "decoder: p50/p90 ms of one decode step after a past of seq tokens; "
@@ -83,14 +84,19 @@ class DecoderScorer:
         return Scored({"perplexity": self.base["perplexity"], "token_agreement": 1.0})
 
     def variant(self, session: Any, label: str) -> Scored:
-        from pipeline.tasks.text_generation.generate import greedy_agreement, torch_greedy
+        from pipeline.tasks.text_generation.generate import (
+            greedy_agreement,
+            greedy_batch_size,
+            torch_greedy,
+        )
         from pipeline.tasks.text_generation.perplexity import onnx_logits_fn, perplexity
 
         ppl = perplexity(onnx_logits_fn(session), self.ids, self.window, self.stride)["perplexity"]
-        if self.references is None:
-            self.references = [torch_greedy(self.model, p, self.new_tokens) for p in self.prompts]
+        batch = greedy_batch_size(session)
+        if batch not in self.references:
+            self.references[batch] = torch_greedy(self.model, self.prompts, self.new_tokens, batch_size=batch)
         greedy = greedy_agreement(
-            self.model, session, self.prompts, self.new_tokens, label=label, references=self.references
+            self.model, session, self.prompts, self.new_tokens, label=label, references=self.references[batch]
         )
         metrics = {
             "perplexity": ppl,
