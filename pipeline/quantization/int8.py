@@ -120,7 +120,7 @@ def int8_quantizer(
         out: Path, nodes_to_quantize: list[str] | None, nodes_to_exclude: list[str] | None
     ) -> Path:
         reader.rewind()
-        return run_quantizer(
+        written = run_quantizer(
             f"quantize (static, {config.calibration})",
             quantize_static,
             quant_source,
@@ -140,8 +140,28 @@ def int8_quantizer(
             extra_options=dict(extra),
             calibration_cache_path=cache,  # calibrate once, reuse for every ablation
         )
+        if fold:
+            settings["integer_ops"] = fold_qdq_file(written, external and out == final)
+        return written
 
+    # Every candidate of an exclusion search is folded too: it is judged in the form it ships in.
+    fold = config.format == "QDQ" and config.integer_ops
+    settings["integer_ops"] = None
     return quantize_static_fn, settings
+
+
+def fold_qdq_file(path: Path, external: bool) -> dict[str, int]:
+    """`fold_qdq` (pipeline.quantization.qdq) applied to the model file at `path`, in place."""
+    import onnx
+
+    from pipeline.quantization.qdq import fold_qdq
+
+    model = onnx.load(str(path))
+    changes = fold_qdq(model)
+    for stale in path.parent.glob(f"{path.name}.data"):
+        stale.unlink()  # rewritten below; onnx.save would append to a stale one
+    onnx.save_model(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
+    return changes
 
 
 def run_quantizer(label: str, fn: Any, source: Path, out: Path, log: logging.Logger, **kwargs: Any) -> Path:

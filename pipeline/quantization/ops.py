@@ -11,6 +11,7 @@ from pipeline.onnx.io import count_ops
 # Node types counted in the manifest: what the quantizers produce, plus float ops left over.
 QUANT_OPS = (
     "MatMulInteger",
+    "MatMulIntegerToFloat",
     "DynamicQuantizeLinear",
     "DynamicQuantizeMatMul",
     "QuantizeLinear",

@@ -84,17 +84,29 @@ def test_dynamic_on_fused_model(models, tmp_path):
     _runs(tmp_path / "q")
 
 
-@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
-def test_static_quantizes_matmuls_only(models, calibration, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,integer_ops", [("QDQ", True), ("QDQ", False), ("QOperator", True)])
+def test_static_quantizes_matmuls_only(models, calibration, tmp_path, fmt, integer_ops):
     metrics = _run(
-        QuantizeConfig(mode="static", format=fmt), models["plain"], tmp_path / "q", calibration, VNNI
+        QuantizeConfig(mode="static", format=fmt, integer_ops=integer_ops),
+        models["plain"],
+        tmp_path / "q",
+        calibration,
+        VNNI,
     )
     ops, settings = metrics["quantized_ops"], metrics["settings"]
     assert settings["activation_type"] == "QUInt8" and settings["weight_type"] == "QInt8"
     # The token-embedding Gather too (quantize_embedding: on by default for static INT8).
     assert settings["op_types"] == ["MatMul", "Gemm", "Gather"] and settings["calibration_examples"] == 24
     assert ops["MatMulInteger"] == 0
-    if fmt == "QDQ":
+    if fmt == "QDQ" and integer_ops:
+        # Every weight MatMul and its bias Add is one MatMulIntegerToFloat; the 4 attention products
+        # keep their Q/DQ (ORT makes them QLinearMatMul).
+        assert ops["MatMulIntegerToFloat"] == WEIGHT_MATMULS and ops["MatMul"] == 4
+        folded = settings["integer_ops"]
+        assert folded["matmuls_to_integer_ops"] == folded["biases_folded"] == WEIGHT_MATMULS
+        assert folded["float_readers_rewired"] > 0
+    elif fmt == "QDQ":
+        assert settings["integer_ops"] is None and ops["MatMulIntegerToFloat"] == 0
         assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] >= WEIGHT_MATMULS
         assert ops["MatMul"] == WEIGHT_MATMULS + 4  # kept, with Q/DQ around them
     else:
@@ -111,7 +123,8 @@ def test_static_on_fused_model_with_histogram_calibration(models, calibration, t
         QuantizeConfig(mode="static", calibration=method), models["fused"], tmp_path / "q", calibration
     )
     ops = metrics["quantized_ops"]
-    assert ops["QuantizeLinear"] > 0 and ops["MatMul"] == WEIGHT_MATMULS - 6  # Q/K/V inside Attention
+    assert ops["QuantizeLinear"] > 0  # Q/K/V live inside Attention: the other weight MatMuls fold
+    assert ops["MatMulIntegerToFloat"] == WEIGHT_MATMULS - 6 and ops["MatMul"] == 0
     assert metrics["settings"]["calibration"] == method
     _runs(tmp_path / "q")
 
@@ -345,3 +358,69 @@ def test_fidelity_is_reported_and_enforced_only_where_the_recipe_sets_a_floor(mo
 def test_hqq_takes_an_accuracy_level():
     # Its float zero points are rewritten into integer ones, so the int8-compute kernel applies.
     assert QuantizeConfig(mode="weight_only_int4", int4_algorithm="hqq", accuracy_level=4).accuracy_level == 4
+
+
+@pytest.mark.parametrize(
+    "activation_type,weight_type,per_channel",
+    [("QUInt8", "QInt8", True), ("QInt8", "QInt8", False), ("QUInt8", "QUInt8", True)],
+)
+def test_folded_qdq_computes_what_the_plain_qdq_graph_does(
+    models, calibration, tmp_path, activation_type, weight_type, per_channel
+):
+    """fold_qdq keeps every MatMul's int8 inputs, scales and zero points; only float readers lose a
+    rounding step, so its logits stay next to the plain QDQ graph's and no further from fp32."""
+    import onnx
+
+    from pipeline.quantization.qdq import fold_qdq
+
+    config = QuantizeConfig(
+        mode="static",
+        integer_ops=False,
+        activation_type=activation_type,
+        weight_type=weight_type,
+        per_channel=per_channel,
+    )
+    _run(config, models["plain"], tmp_path / "q", calibration, VNNI)
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    changes = fold_qdq(model)
+    assert changes["matmuls_to_integer_ops"] == changes["biases_folded"] == WEIGHT_MATMULS
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "folded.onnx"))
+
+    sessions = {
+        name: open_session(path)
+        for name, path in [
+            ("fp32", models["plain"] / "model.onnx"),
+            ("qdq", tmp_path / "q" / "model.onnx"),
+            ("folded", tmp_path / "folded.onnx"),
+        ]
+    }
+    names = [i.name for i in sessions["fp32"].get_inputs()]
+    feeds = dummy_inputs(names, 4, 16, 30522)
+    logits = {name: session.run(None, feeds)[0] for name, session in sessions.items()}
+    scale = np.abs(logits["fp32"]).max()
+    assert np.abs(logits["folded"] - logits["qdq"]).max() < 0.05 * scale
+    error = {name: np.abs(logits[name] - logits["fp32"]).mean() for name in ("qdq", "folded")}
+    assert error["folded"] <= error["qdq"] * 1.05
+
+
+def test_fold_leaves_a_graph_without_weight_matmuls_alone():
+    from onnx import TensorProto, helper
+
+    from pipeline.quantization.qdq import fold_qdq
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
+    model = helper.make_model(graph)
+    assert fold_qdq(model) == {
+        "matmuls_to_integer_ops": 0,
+        "biases_folded": 0,
+        "float_readers_rewired": 0,
+        "duplicate_qdq_merged": 0,
+    }
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    assert [o.domain for o in model.opset_import] == [""]
