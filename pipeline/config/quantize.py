@@ -19,6 +19,8 @@ _MODE_FIELDS: dict[str, tuple[str, ...]] = {
     "auto_exclude": ("dynamic", "static"),
     "activation_type": ("static",),
     "format": ("static",),
+    "integer_ops": ("static",),
+    "excluded_as": ("static",),
     "quantize_matmul_outputs": ("static",),
     "calibration": ("static",),
     "percentile": ("static",),
@@ -38,6 +40,7 @@ class AutoExcludeConfig(StrictModel):
     agreement with fp32, Spearman 0.64). Then, worst first, one node at a time is kept in float, the
     model quantized again and scored on the tune split with the task's headline metric, until the
     drop vs the fp32 input is within `max_metric_drop` or `max_nodes` are excluded.
+    What an excluded node runs as (fp32 or dynamic INT8) is the step's `excluded_as`.
     """
 
     max_nodes: int = Field(8, ge=1, description="Budget: at most this many nodes are kept in float.")
@@ -88,6 +91,13 @@ class QuantizeConfig(StrictModel):
         "CPU kernels run fastest (default recipe, batch 8: ORT profiler kernel time 55.2 -> 40.1 ms). false "
         "keeps the plain QDQ graph, "
         "for execution providers that consume QDQ themselves (TensorRT, QNN, OpenVINO).",
+    )
+    excluded_as: Literal["float", "dynamic"] = Field(
+        "float",
+        description="Static: what a node left out of static INT8 (nodes_to_exclude, auto_exclude) runs "
+        "as: float, or dynamic INT8 (ORT's dynamic quantizer on those MatMul/Gemm nodes only: ranges "
+        "taken per call, so the activation outliers a calibrated range clips cost little, at INT8 "
+        "speed). Automatic exclusion scores its candidates in this form.",
     )
     calibration: Literal["MinMax", "Entropy", "Percentile"] = Field(
         "MinMax", description="Static only: how activation ranges are computed from calibration data."

@@ -142,7 +142,37 @@ def int8_quantizer(
         )
         if fold:
             settings["integer_ops"] = fold_qdq_file(written, external and out == final)
+        if config.excluded_as == "dynamic" and nodes_to_exclude:
+            dynamic_for_excluded(written, nodes_to_exclude, external and out == final)
         return written
+
+    def dynamic_for_excluded(path: Path, nodes: list[str], external_data: bool) -> None:
+        """The float MatMul/Gemm nodes static INT8 left out become dynamic INT8, in place."""
+        staged = path.with_name(f"dynamic-{path.name}")
+        run_quantizer(
+            "quantize (dynamic, excluded nodes)",
+            quantize_dynamic,
+            path,
+            staged,
+            log,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=config.per_channel,
+            reduce_range=reduce_range,
+            weight_type=getattr(QuantType, weight_type),
+            nodes_to_quantize=nodes,
+            use_external_data_format=external_data,
+            extra_options=dict(extra),
+        )
+        for stale in path.parent.glob(f"{path.name}.data"):
+            stale.unlink()
+        if external_data:
+            # The dynamic quantizer names its data file after its own output; onnx rewrites it.
+            model = onnx.load(str(staged))
+            onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+            for written_file in path.parent.glob(f"{staged.name}*"):
+                written_file.unlink()
+        else:
+            staged.replace(path)
 
     # Every candidate of an exclusion search is folded too: it is judged in the form it ships in.
     fold = config.format == "QDQ" and config.integer_ops

@@ -37,16 +37,42 @@ def fold_qdq(model: Any) -> dict[str, int]:
     inits = {i.name: i for i in graph.initializer}
     merged = _merge_identical(graph, "QuantizeLinear") + _merge_identical(graph, "DequantizeLinear")
 
-    producer = {out: node for node in graph.node for out in node.output}
+    # Float consumers of DQ(Q(x)) read x itself. First, so that a MatMul whose output ORT quantized
+    # (quantize_matmul_outputs) has its bias Add as sole reader once the dead Q/DQ pair goes.
+    nodes = list(graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    float_of: dict[str, str] = {}
+    for node in nodes:
+        quantize = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if (
+            quantize is not None
+            and quantize.op_type == "QuantizeLinear"
+            and list(quantize.input[1:]) == list(node.input[1:])
+            and node.output[0] not in outputs
+            and getattr(producer.get(quantize.input[0]), "op_type", None) != "Gather"
+        ):
+            float_of[node.output[0]] = quantize.input[0]
+    rewired = 0
+    for node in nodes:
+        if node.op_type in _QUANTIZED_READERS:
+            continue
+        for index, name in enumerate(node.input):
+            if name in float_of:
+                node.input[index] = float_of[name]
+                rewired += 1
+
+    nodes = _live(nodes, outputs)
+
+    producer = {out: node for node in nodes for out in node.output}
     consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
     replaced: dict[int, Any] = {}
     removed: set[int] = set()
     biases = 0
-    for node in graph.node:
+    for node in nodes:
         if node.op_type != "MatMul":
             continue
         activation, weight = producer.get(node.input[0]), producer.get(node.input[1])
@@ -77,29 +103,7 @@ def fold_qdq(model: Any) -> dict[str, int]:
             name=f"{node.name}_MatMulIntegerToFloat",
             domain="com.microsoft",
         )
-    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in removed]
-
-    # Float consumers of DQ(Q(x)) read x itself.
-    producer = {out: node for node in nodes for out in node.output}
-    float_of: dict[str, str] = {}
-    for node in nodes:
-        quantize = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if (
-            quantize is not None
-            and quantize.op_type == "QuantizeLinear"
-            and list(quantize.input[1:]) == list(node.input[1:])
-            and node.output[0] not in outputs
-            and getattr(producer.get(quantize.input[0]), "op_type", None) != "Gather"
-        ):
-            float_of[node.output[0]] = quantize.input[0]
-    rewired = 0
-    for node in nodes:
-        if node.op_type in _QUANTIZED_READERS:
-            continue
-        for index, name in enumerate(node.input):
-            if name in float_of:
-                node.input[index] = float_of[name]
-                rewired += 1
+    nodes = [replaced.get(id(n), n) for n in nodes if id(n) not in removed]
 
     live = _live(nodes, outputs)
     del graph.node[:]

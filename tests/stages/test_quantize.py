@@ -424,3 +424,36 @@ def test_fold_leaves_a_graph_without_weight_matmuls_alone():
     }
     assert [n.op_type for n in model.graph.node] == ["MatMul"]
     assert [o.domain for o in model.opset_import] == [""]
+
+
+def test_quantized_matmul_outputs_still_fold_their_bias(models, calibration, tmp_path):
+    """With ORT's output quantization the bias Add reads DQ(Q(MatMul)); rewired to the float output
+    first, the dead pair goes and the Add folds into MatMulIntegerToFloat like the plain case."""
+    config = QuantizeConfig(mode="static", quantize_matmul_outputs=True)
+    metrics = _run(config, models["plain"], tmp_path / "q", calibration, VNNI)
+    folded = metrics["settings"]["integer_ops"]
+    assert folded["matmuls_to_integer_ops"] == folded["biases_folded"] == WEIGHT_MATMULS
+    assert metrics["quantized_ops"]["MatMulIntegerToFloat"] == WEIGHT_MATMULS
+    _runs(tmp_path / "q")
+
+
+@pytest.mark.parametrize("excluded_as", ["float", "dynamic"])
+def test_static_excluded_nodes_run_as_float_or_dynamic_int8(models, calibration, tmp_path, excluded_as):
+    excluded = ["/classifier/MatMul", "/bert/encoder/layer.0/output/dense/MatMul"]
+    config = QuantizeConfig(mode="static", nodes_to_exclude=excluded, excluded_as=excluded_as)
+    metrics = _run(config, models["plain"], tmp_path / "q", calibration, VNNI)
+    ops = metrics["quantized_ops"]
+    assert metrics["nodes_excluded"] == excluded
+    assert ops["MatMulIntegerToFloat"] == WEIGHT_MATMULS - 2
+    if excluded_as == "dynamic":
+        assert ops["MatMulInteger"] == ops["DynamicQuantizeLinear"] == 2 and ops["MatMul"] == 4
+    else:
+        assert ops["MatMulInteger"] == 0 and ops["MatMul"] == 4 + 2
+    assert metrics["parity"]["argmax_agreement"] >= 0.9
+    assert sorted(p.name for p in (tmp_path / "q").glob("*.onnx*")) == ["model.onnx"]
+    _runs(tmp_path / "q")
+
+
+def test_excluded_as_belongs_to_static():
+    with pytest.raises(ValidationError, match="excluded_as"):
+        QuantizeConfig(mode="dynamic", excluded_as="dynamic")
