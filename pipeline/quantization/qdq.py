@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.onnx.rewrite import live_nodes, set_graph_nodes
+
 # Consumers that read a quantized tensor through its DQ on purpose: ORT fuses DQ into them.
 _QUANTIZED_READERS = {"MatMul", "Gather", "QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat"}
 
@@ -61,7 +63,7 @@ def fold_qdq(model: Any) -> dict[str, int]:
                 node.input[index] = float_of[name]
                 rewired += 1
 
-    nodes = _live(nodes, outputs)
+    nodes = live_nodes(nodes, outputs)
 
     producer = {out: node for node in nodes for out in node.output}
     consumers: dict[str, list[Any]] = {}
@@ -105,15 +107,7 @@ def fold_qdq(model: Any) -> dict[str, int]:
         )
     nodes = [replaced.get(id(n), n) for n in nodes if id(n) not in removed]
 
-    live = _live(nodes, outputs)
-    del graph.node[:]
-    graph.node.extend(live)
-    used = {name for node in live for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if replaced and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    set_graph_nodes(model, nodes)
     return {
         "matmuls_to_integer_ops": len(replaced),
         "biases_folded": biases,
@@ -183,13 +177,3 @@ def _merge_identical(graph: Any, op_type: str) -> int:
             if name in alias:
                 node.input[index] = alias[name]
     return len(alias)
-
-
-def _live(nodes: list[Any], outputs: set[str]) -> list[Any]:
-    """The nodes the graph outputs depend on, in their order (the merged and folded ones drop out)."""
-    needed, kept = set(outputs), []
-    for node in reversed(nodes):
-        if any(out in needed for out in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    return kept[::-1]

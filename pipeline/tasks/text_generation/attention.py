@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.onnx.rewrite import set_graph_nodes
+
 GQA_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -181,16 +183,8 @@ def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
             concat.output[0] = f"present.{layer}.{kind}/unfused"
     _shrink_rotary_caches(graph, caches, config)
     ordered = _topological([*graph.node, *shared, *added], graph)
-    kept = _live(ordered, graph)
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {name for node in kept for name in node.input}
-    live_initializers = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live_initializers)
-    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"GroupQueryAttention": layers, "nodes_before": nodes_before, "nodes_after": len(kept)}
+    set_graph_nodes(model, ordered)
+    return {"GroupQueryAttention": layers, "nodes_before": nodes_before, "nodes_after": len(graph.node)}
 
 
 def _rotated(projection: str, fused: Any, heads: int, prefix: str) -> Any:
@@ -251,14 +245,3 @@ def _topological(nodes: list[Any], graph: Any) -> list[Any]:
             raise NotApplicable(f"rewritten graph is not a DAG: {waiting[0].name} waits for {missing[:3]}")
         pending = waiting
     return ordered
-
-
-def _live(ordered: list[Any], graph: Any) -> list[Any]:
-    """The nodes the graph's outputs depend on, in order (dead-code elimination)."""
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(ordered):
-        if any(out in needed for out in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    return kept[::-1]

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from pipeline.onnx.rewrite import set_graph_nodes
+
 LM_HEAD_OUTPUT = "logits"
 
 
@@ -189,11 +191,5 @@ def pack_sibling_matmuls(model: Any) -> int:
             replacement[id(member)] = []
     if not replacement:
         return 0
-    nodes = [new for node in graph.node for new in replacement.get(id(node), [node])]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    live = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    set_graph_nodes(model, [new for node in graph.node for new in replacement.get(id(node), [node])])
     return sum(1 for group in replacement.values() if group)
