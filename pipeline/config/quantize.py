@@ -88,9 +88,9 @@ class QuantizeConfig(StrictModel):
         description="Static QDQ: rewrite each weight MatMul (and its bias Add) into ONNX Runtime's "
         "MatMulIntegerToFloat, let float consumers of a quantized tensor read the float tensor (no "
         "Q -> DQ round trip) and merge duplicate Q/DQ nodes (pipeline.quantization.qdq): the form ORT's "
-        "CPU kernels run fastest (default recipe, batch 8: ORT profiler kernel time 55.2 -> 40.1 ms). false "
-        "keeps the plain QDQ graph, "
-        "for execution providers that consume QDQ themselves (TensorRT, QNN, OpenVINO).",
+        "CPU kernels run fastest (default recipe, batch 8: ORT profiler kernel time 55.2 -> 40.1 ms). "
+        "false keeps the plain QDQ graph, for execution providers that consume QDQ themselves "
+        "(TensorRT, QNN, OpenVINO).",
     )
     excluded_as: Literal["float", "dynamic"] = Field(
         "float",

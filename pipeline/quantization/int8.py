@@ -163,12 +163,9 @@ def int8_quantizer(
             use_external_data_format=external_data,
             extra_options=dict(extra),
         )
-        for stale in path.parent.glob(f"{path.name}.data"):
-            stale.unlink()
         if external_data:
-            # The dynamic quantizer names its data file after its own output; onnx rewrites it.
-            model = onnx.load(str(staged))
-            onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+            # The dynamic quantizer names its data file after its own output: written again as path's.
+            save_in_place(onnx.load(str(staged)), path, external=True)
             for written_file in path.parent.glob(f"{staged.name}*"):
                 written_file.unlink()
         else:
@@ -188,10 +185,17 @@ def fold_qdq_file(path: Path, external: bool) -> dict[str, int]:
 
     model = onnx.load(str(path))
     changes = fold_qdq(model)
-    for stale in path.parent.glob(f"{path.name}.data"):
-        stale.unlink()  # rewritten below; onnx.save would append to a stale one
-    onnx.save_model(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
+    save_in_place(model, path, external=external)
     return changes
+
+
+def save_in_place(model: Any, path: Path, *, external: bool) -> None:
+    """Write `model` over `path`, its weights in `path`.data beside it when `external`."""
+    import onnx
+
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # onnx.save_model would append to a stale one
+    onnx.save_model(model, str(path), save_as_external_data=external, location=data.name)
 
 
 def run_quantizer(label: str, fn: Any, source: Path, out: Path, log: logging.Logger, **kwargs: Any) -> Path:

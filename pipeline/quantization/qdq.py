@@ -32,7 +32,7 @@ _QUANTIZED_READERS = {"MatMul", "Gather", "QuantizeLinear", "DequantizeLinear", 
 
 def fold_qdq(model: Any) -> dict[str, int]:
     """Rewrite the QDQ ModelProto `model` in place; returns what was changed (counts)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     outputs = {o.name for o in graph.output}
@@ -80,7 +80,7 @@ def fold_qdq(model: Any) -> dict[str, int]:
         activation, weight = producer.get(node.input[0]), producer.get(node.input[1])
         if not (_per_tensor_dq(activation, inits) and _weight_dq(weight, inits)):
             continue
-        columns = numpy_helper.to_array(inits[weight.input[0]]).shape[1]
+        columns = inits[weight.input[0]].dims[1]
         result, bias = node.output[0], ""
         readers = consumers.get(result, [])
         if result not in outputs and len(readers) == 1 and readers[0].op_type == "Add":
