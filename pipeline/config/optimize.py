@@ -22,6 +22,17 @@ class OptimizeConfig(StrictModel):
         "export; SmolLM2-135M INT4 decode 72 -> 48 ms). None = where it applies, reporting why not "
         "elsewhere; true = fail when it does not apply; false = keep ORT's graph.",
     )
+    rotary_in_attention: bool | None = Field(
+        False,
+        description="text-generation, with the GroupQueryAttention rewrite: GQA rotates q and k itself "
+        "(do_rotary) and reads the packed q/k/v projection, so each layer's 2 RotaryEmbedding and its "
+        "q/k/v Split go (SmolLM2: 468 -> 408 nodes). ONNX Runtime then rotates by cache slot: logits "
+        "stay Hugging Face's, but a left-padded row's cached keys are rotated by its pad count, so the "
+        "cache is valid only for this model at the slots it was computed at (parity is proven in that "
+        "format). Needs a head size that is a multiple of 16 and one unscaled, full rotary for q and k. "
+        "None = where it applies, reporting why not elsewhere; true = fail when it does not apply; "
+        "false = RotaryEmbedding nodes before GQA.",
+    )
     model_type: Literal["bert", "gpt2", "gpt_neox"] | None = Field(
         None,
         description="ORT optimizer model type; by default derived from config.json `model_type` "
@@ -64,4 +75,6 @@ class OptimizeConfig(StrictModel):
             return "fp16: not supported for text-generation models"
         if task != "text-generation" and self.group_query_attention:
             return "group_query_attention: applies to text-generation models only"
+        if self.rotary_in_attention and (task != "text-generation" or self.group_query_attention is False):
+            return "rotary_in_attention: needs a text-generation model and the group_query_attention rewrite"
         return None

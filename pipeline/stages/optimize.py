@@ -126,8 +126,10 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
     ort_stats = {k: int(v) for k, v in optimizer.get_fused_operator_statistics().items()}
     # The task's own attention fusion where ORT has none (decoders: GroupQueryAttention).
     attention_rewrite = ctx.task.fuse_attention(
-        optimizer.model, read_config(ctx.input_dir), config.group_query_attention
+        optimizer.model, read_config(ctx.input_dir), config.group_query_attention, config.rotary_in_attention
     )
+    # Read before saving: a rewrite that changes the cache format changes what parity compares.
+    reference = ctx.task.fused_reference(optimizer.model, session_reference(open_session(source)))
     if attention_rewrite["applied"]:
         ctx.log.info(
             "optimize: GroupQueryAttention in %d layers, %d -> %d nodes",
@@ -173,7 +175,7 @@ def optimize(ctx: StageContext) -> dict[str, Any]:
     if config.fp16 and session.get_providers()[0] != "CUDAExecutionProvider":
         raise StageError(f"optimize.fp16: the fp16 model runs on {session.get_providers()[0]}, not CUDA")
     parity_metrics = parity_grid(
-        session_reference(open_session(source)),
+        reference,
         session,
         ctx.task.parity_cases(session, parity.shapes, arch["vocab_size"], parity.past_lens),
         atol,

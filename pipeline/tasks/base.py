@@ -251,11 +251,24 @@ class Task:
         """Task-specific facts of the export for its manifest."""
         return {}
 
-    def fuse_attention(self, proto: Any, config: dict[str, Any], required: bool | None) -> dict[str, Any]:
+    def fuse_attention(
+        self,
+        proto: Any,
+        config: dict[str, Any],
+        required: bool | None,
+        rotary_in_attention: bool | None = False,
+    ) -> dict[str, Any]:
         """The task's own attention fusion on ORT's fused graph `proto`, in place (config: the
-        model's config.json; required: the recipe's switch, None = where it applies). Returns what
-        was done: {"applied": bool, ...}."""
+        model's config.json; required: the recipe's switch, None = where it applies;
+        rotary_in_attention: the attention op rotates q/k itself, with the same tri-state). Returns
+        what was done:
+        {"applied": bool, ...}."""
         return {"applied": False, "reason": f"no attention rewrite of its own for {self.name}"}
+
+    def fused_reference(self, proto: Any, reference: Any) -> Any:
+        """The parity Reference (outputs of the unfused model) for the fused graph `proto`, in the
+        fused model's cache format when its attention rewrite changed it; by default `reference`."""
+        return reference
 
     # -- quantization policy -----------------------------------------------------------------------
 

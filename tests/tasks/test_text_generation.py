@@ -216,6 +216,67 @@ def test_group_query_attention_replaces_each_layer(decoder, tmp_path):
     np.testing.assert_array_equal(new, old)
 
 
+def test_rotary_in_attention_rotates_by_cache_slot(tmp_path_factory, tmp_path):
+    """rotary_in_attention on a Llama with head size 16: GQA rotates q/k itself and reads the
+    packed q/k/v whole (no RotaryEmbedding, no q/k/v Split). Logits stay the unfused model's; a
+    left-padded row's cached keys are rotated by its pad count, which parity against the unfused
+    model sees unless the reference is put into the slot format; greedy tokens are the same."""
+    import onnx
+
+    from pipeline.onnx.parity import parity_grid, session_reference
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.adapter import parity_cases
+    from pipeline.tasks.text_generation.attention import slot_rotation_reference
+    from pipeline.tasks.text_generation.generate import OnnxGreedyGenerator
+    from pipeline.zoo.tiny_decoder import build_tiny_decoder
+
+    base = tmp_path_factory.mktemp("decoder-head16")
+    hf = build_tiny_decoder(
+        base / "hf", "llama", tokenizer=shared_tokenizer(), hidden_size=64, initializer_range=0.2
+    )
+    export_decoder(hf, base / "onnx", parity={"shapes": [[2, 1], [2, 9], [2, 9]], "past_lens": [1, 17]})
+    parity = {"shapes": [[3, 2], [3, 9], [3, 9]], "past_lens": [1, 17]}
+    stats = run_decoder_stage(
+        "optimize", {"rotary_in_attention": True}, base / "onnx", tmp_path / "r", parity
+    )
+    rewrite = stats["attention_rewrite"]
+    assert rewrite["rotary_in_attention"] is True and rewrite["packed_qkv_into_attention"] == 2
+    assert stats["parity"]["max_abs_diff"] < 1e-4 and stats["parity"]["argmax_agreement"] == 1.0
+    fused = onnx.load(str(tmp_path / "r" / "model.onnx"))
+    ops = [n.op_type for n in fused.graph.node]
+    assert "RotaryEmbedding" not in ops and ops.count("Split") == 2  # gate/up only
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(list(n.input[1:3]) == ["", ""] for n in gqa)  # packed q/k/v
+
+    session, unfused = open_session(tmp_path / "r" / "model.onnx"), open_session(base / "onnx" / "model.onnx")
+    cases = parity_cases(session, [[3, 9]], 1000, [17])
+    with pytest.raises(ParityError, match=r"\(present\) exceeds atol"):  # padded rows' keys are rotated
+        parity_grid(session_reference(unfused), session, cases, 1e-4)
+    slot_format = slot_rotation_reference(fused, session_reference(unfused))
+    assert parity_grid(slot_format, session, cases, 1e-4)["max_abs_diff"] < 1e-4
+
+    prompts = np.array([[0, 0, 0, 5, 17, 99], [8, 3, 4, 5, 17, 99], [0, 9, 4, 5, 17, 99]])
+    mask = (prompts != 0).astype(np.int64)
+    new, old = (OnnxGreedyGenerator(s).generate(prompts, 12, attention_mask=mask) for s in (session, unfused))
+    np.testing.assert_array_equal(new, old)
+
+
+def test_rotary_in_attention_needs_head_size_16(decoder, tmp_path):
+    """Head size 8 (ORT's CPU kernel rotates only multiples of 16): None keeps RotaryEmbedding
+    nodes before GQA and says why; true is a one-line error."""
+    arch, _, onnx_dir = decoder
+    if arch == "gpt2":
+        return
+    stats = run_decoder_stage("optimize", {"rotary_in_attention": None}, onnx_dir, tmp_path / "auto")
+    rewrite = stats["attention_rewrite"]
+    assert rewrite["applied"] and rewrite["rotary_in_attention"] is False
+    assert "head size 8 is not a multiple of 16" in rewrite["rotary_in_attention_reason"]
+    assert stats["fused_ops"]["RotaryEmbedding"] == 4 and stats["parity"]["max_abs_diff"] < 1e-4
+    with pytest.raises(InputError, match="optimize.rotary_in_attention: does not apply .* head size 8"):
+        run_decoder_stage("optimize", {"rotary_in_attention": True}, onnx_dir, tmp_path / "strict")
+    assert not (tmp_path / "strict" / "model.onnx").exists()
+
+
 def test_export_without_past_is_a_clear_error(decoder, tmp_path):
     """A decoder exported without the KV cache (optimum task text-generation) is refused by name."""
     from optimum.exporters.onnx import main_export

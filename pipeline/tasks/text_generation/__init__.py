@@ -56,23 +56,54 @@ class TextGeneration(Task):
 
         return {"gemm_rewritten_as_matmul": gemm_to_matmul(proto)}
 
-    def fuse_attention(self, proto: Any, config: dict[str, Any], required: bool | None) -> dict[str, Any]:
-        from pipeline.tasks.text_generation.attention import NotApplicable, group_query_attention
+    def fuse_attention(
+        self,
+        proto: Any,
+        config: dict[str, Any],
+        required: bool | None,
+        rotary_in_attention: bool | None = False,
+    ) -> dict[str, Any]:
+        from pipeline.tasks.text_generation.attention import (
+            NotApplicable,
+            RotaryNotApplicable,
+            feed_packed_qkv,
+            group_query_attention,
+        )
         from pipeline.tasks.text_generation.graph import pack_sibling_matmuls
 
         if required is False:
             return {"applied": False, "reason": "group_query_attention: false in the recipe"}
 
+        rotary, rotary_reason = rotary_in_attention is not False, None
         try:
-            done = group_query_attention(proto, config)
+            try:
+                done = group_query_attention(proto, config, rotary_in_attention=rotary)
+            except RotaryNotApplicable as why:
+                if rotary_in_attention:
+                    raise InputError(
+                        f"optimize.rotary_in_attention: does not apply to this model: {why}"
+                    ) from None
+                # Nothing was changed yet: the RotaryEmbedding form still fits.
+                rotary, rotary_reason = False, str(why)
+                done = group_query_attention(proto, config, rotary_in_attention=False)
         except NotApplicable as why:
-            if required:
-                raise InputError(
-                    f"optimize.group_query_attention: does not apply to this model: {why}"
-                ) from None
+            if required or rotary_in_attention:
+                field = "group_query_attention" if required else "rotary_in_attention"
+                raise InputError(f"optimize.{field}: does not apply to this model: {why}") from None
             return {"applied": False, "reason": str(why)}
         # q/k/v now feed GroupQueryAttention directly, so they (and gate/up) can share one MatMul.
-        return {"applied": True, **done, "matmuls_packed": pack_sibling_matmuls(proto)}
+        packed = pack_sibling_matmuls(proto)
+        done = {"applied": True, **done, "matmuls_packed": packed, "rotary_in_attention": rotary}
+        if rotary_reason:
+            done["rotary_in_attention_reason"] = rotary_reason
+        if rotary:
+            done["packed_qkv_into_attention"] = feed_packed_qkv(proto)
+        return done
+
+    def fused_reference(self, proto: Any, reference: Any) -> Any:
+        from pipeline.tasks.text_generation.attention import slot_rotation_reference
+
+        return slot_rotation_reference(proto, reference) or reference
 
     def parity_cases(self, session: Any, shapes: Sequence[Sequence[int]], vocab_size: int, past_lens=None):
         from pipeline.tasks.text_generation.adapter import parity_cases

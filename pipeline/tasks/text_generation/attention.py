@@ -12,6 +12,17 @@ past/present cache layout) exactly as they were:
 - q and k are rotated by RotaryEmbedding nodes on the [batch, seq, heads x head] projections, with
   the cos/sin caches and position ids of the RotaryEmbedding nodes ORT fused (so Hugging Face's
   position ids, 1 at left-padded slots, still decide the rotation); GQA itself does no rotary.
+  Or, with `rotary_in_attention`, GQA rotates q and k itself (do_rotary, the fused caches) and
+  takes the packed q/k/v projection whole (`feed_packed_qkv`): each layer's 2 RotaryEmbedding and
+  its q/k/v Split go. GQA then rotates every token by its cache slot and ignores position_ids
+  (ONNX Runtime 1.32 reads only position_ids[0, 0] on a first prompt, for every row, so Hugging
+  Face's per-row positions cannot be fed). A left-padded row's slots are its position ids plus its
+  pad count: attention sees only differences of positions, so logits stay Hugging Face's, but that
+  row's cached keys are rotated by its pad count more than Hugging Face's. Such a model's cache is
+  only valid for the model itself at the slots it was computed at; the optimize stage proves
+  parity through `slot_rotation_reference`, which rotates the reference's past and present keys
+  by each row's pad count. Masks that are not left padding (holes, packed sequences) would need
+  the RotaryEmbedding form.
 - Padding is an additive attention bias built once from `attention_mask` (0 where a key is real,
   the lowest float where it is padding); GQA applies the causal mask. `seqlens_k` is the total
   length minus one for every row and `total_sequence_length` the mask's length, so the cache holds
@@ -40,8 +51,16 @@ class NotApplicable(Exception):
     """The graph or the model is not one this rewrite handles; the message says why."""
 
 
-def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
+class RotaryNotApplicable(NotApplicable):
+    """GQA cannot rotate q and k itself here; the RotaryEmbedding form still applies."""
+
+
+def group_query_attention(
+    model: Any, config: dict[str, Any], *, rotary_in_attention: bool = False
+) -> dict[str, Any]:
     """Rewrite `model` (an ORT-fused decoder ModelProto) in place; `config` is its config.json.
+    `rotary_in_attention`: GQA rotates q and k itself (do_rotary) with the fused nodes' caches, by
+    cache slot (see the module docstring).
     Returns {"GroupQueryAttention": layers rewritten, "nodes_before": n, "nodes_after": n}."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -106,24 +125,27 @@ def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
                 raise NotApplicable(f"layer {layer}: {present}.{kind} is not Concat({past}.{kind}, new)")
         caches.update({tuple(rotary_q.input[2:4]), tuple(rotary_k.input[2:4])})
 
-        query_rotated = _rotated(query, rotary_q, heads, f"{scope}gqa/q_proj")
-        key_rotated = _rotated(key, rotary_k, kv_heads, f"{scope}gqa/k_proj")
-        added += [
-            query_rotated,
-            key_rotated,
+        if rotary_in_attention:
+            rotary = _rotary_attributes(graph, rotary_q, rotary_k, layer)
+            q_in, k_in, caches_in = query, key, [*rotary_q.input[2:4], ""]  # no position_ids
+            extra = {"do_rotary": 1, "rotary_interleaved": rotary.get("interleaved", 0)}
+        else:
+            query_rotated = _rotated(query, rotary_q, heads, f"{scope}gqa/q_proj")
+            key_rotated = _rotated(key, rotary_k, kv_heads, f"{scope}gqa/k_proj")
+            added += [query_rotated, key_rotated]
+            q_in, k_in, caches_in, extra = query_rotated.output[0], key_rotated.output[0], ["", "", ""], {}
+        added.append(
             helper.make_node(
                 "GroupQueryAttention",
                 [
-                    query_rotated.output[0],
-                    key_rotated.output[0],
+                    q_in,
+                    k_in,
                     value,
                     f"{past}.key",
                     f"{past}.value",
                     "gqa/seqlens_k",
                     "gqa/total_sequence_length",
-                    "",
-                    "",
-                    "",
+                    *caches_in,
                     "gqa/attention_bias",
                 ],
                 [scope + "gqa/output", f"{present}.key", f"{present}.value"],
@@ -131,8 +153,9 @@ def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
                 domain="com.microsoft",
                 num_heads=heads,
                 kv_num_heads=kv_heads,
-            ),
-        ]
+                **extra,
+            )
+        )
         rewired.append((o_proj, scope + "gqa/output"))
         layers += 1
     if not layers:
@@ -185,6 +208,116 @@ def group_query_attention(model: Any, config: dict[str, Any]) -> dict[str, Any]:
     ordered = _topological([*graph.node, *shared, *added], graph)
     set_graph_nodes(model, ordered)
     return {"GroupQueryAttention": layers, "nodes_before": nodes_before, "nodes_after": len(graph.node)}
+
+
+def _rotary_attributes(graph: Any, rotary_q: Any, rotary_k: Any, layer: int) -> dict[str, Any]:
+    """The fused RotaryEmbedding attributes GQA's own rotary can take over: same caches for q and
+    k, no scale, the whole head rotated (GQA has no attribute for either), and a head size that is
+    a multiple of 16 (ONNX Runtime 1.32's CPU kernel fails on others: "head_size shall be a
+    multiple of 16")."""
+    from onnx import helper
+
+    attributes = [
+        {a.name: helper.get_attribute_value(a) for a in n.attribute if a.name != "num_heads"}
+        for n in (rotary_q, rotary_k)
+    ]
+    if list(rotary_q.input[2:4]) != list(rotary_k.input[2:4]) or attributes[0] != attributes[1]:
+        raise RotaryNotApplicable(f"layer {layer}: q and k are rotated differently")
+    if attributes[0].get("scale", 1.0) != 1.0 or attributes[0].get("rotary_embedding_dim", 0):
+        raise RotaryNotApplicable(f"layer {layer}: a scaled or partial rotary")
+    cos_cache = next((init for init in graph.initializer if init.name == rotary_q.input[2]), None)
+    if cos_cache is None or len(cos_cache.dims) != 2:
+        raise RotaryNotApplicable(
+            f"layer {layer}: the cos cache {rotary_q.input[2]} is not a 2-D initializer"
+        )
+    head_size = 2 * cos_cache.dims[1]
+    if head_size % 16:
+        raise RotaryNotApplicable(
+            f"head size {head_size} is not a multiple of 16 (ONNX Runtime's CPU kernel)"
+        )
+    return attributes[0]
+
+
+def feed_packed_qkv(model: Any) -> int:
+    """A GQA that rotates q and k itself takes the packed q/k/v projection (key and value inputs
+    left empty) instead of its Split: one node less per layer. Returns how many GQA nodes changed."""
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    splits = {
+        node.output[0]: node for node in model.graph.node if node.op_type == "Split" and len(node.output) == 3
+    }
+    fed = 0
+    for node in model.graph.node:
+        rotary = any(a.name == "do_rotary" and a.i == 1 for a in node.attribute)
+        split = splits.get(node.input[0]) if node.op_type == "GroupQueryAttention" and rotary else None
+        if split is None or list(node.input[:3]) != list(split.output):
+            continue
+        if any(consumers[name] != 1 for name in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        fed += 1
+    set_graph_nodes(model, list(model.graph.node))  # the Splits are dead now
+    return fed
+
+
+def slot_rotation_reference(model: Any, reference: Any) -> Any | None:
+    """For a `model` whose GQA rotates by cache slot (`rotary_in_attention`): `reference` (a
+    parity Reference in Hugging Face's cache format) seen in that model's format. Each row's pad
+    count p (left padding: slot = position id + p) rotates the past keys by -p before the
+    reference runs and its present keys by +p after; values and logits pass unchanged. None when
+    no GQA of `model` rotates by itself."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    gqa = next(
+        (
+            node
+            for node in model.graph.node
+            if node.op_type == "GroupQueryAttention"
+            and any(a.name == "do_rotary" and a.i for a in node.attribute)
+        ),
+        None,
+    )
+    if gqa is None:
+        return None
+    by_name = {init.name: init for init in model.graph.initializer}
+    cos, sin = (numpy_helper.to_array(by_name[name]).astype(np.float64) for name in gqa.input[7:9])
+    interleaved = any(a.name == "rotary_interleaved" and a.i for a in gqa.attribute)
+
+    def rotate(keys: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """keys [batch, heads, slots, head] rotated by shift[b] positions (RoPE composes additively)."""
+        c = cos[np.abs(shift)][:, None, None, :]
+        s = (sin[np.abs(shift)] * np.sign(shift)[:, None])[:, None, None, :]
+        x = keys.astype(np.float64)
+        if interleaved:
+            even, odd = x[..., 0::2], x[..., 1::2]
+            out = np.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = even * c - odd * s, odd * c + even * s
+        else:
+            first, second = np.split(x, 2, axis=-1)
+            out = np.concatenate([first * c - second * s, second * c + first * s], axis=-1)
+        return out.astype(keys.dtype)
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = np.asarray(feeds["attention_mask"]).astype(bool)
+        pads = (~mask).sum(axis=1)
+        if not all(row[pad:].all() for row, pad in zip(mask, pads, strict=True)):
+            raise ValueError("slot_rotation_reference: the attention mask is not left padding")
+        feeds = {
+            name: rotate(value, -pads)
+            if name.startswith("past_key_values.") and name.endswith(".key")
+            else value
+            for name, value in feeds.items()
+        }
+        outputs = dict(reference(feeds))
+        for name, value in outputs.items():
+            if name.startswith("present.") and name.endswith(".key"):
+                outputs[name] = rotate(value, pads)
+        return outputs
+
+    return run
 
 
 def _rotated(projection: str, fused: Any, heads: int, prefix: str) -> Any:
