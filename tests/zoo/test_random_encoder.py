@@ -125,6 +125,7 @@ def test_speed_recipe_loads_with_its_variants() -> None:
     assert recipe.model.source == "./exported/_models/bert-base-random"
     assert (recipe.model.task, recipe.model.max_length) == ("feature-extraction", 128)
     assert recipe.validate_.metric == "cosine_mean"
+    assert recipe.gates.max_metric_drop == 0.02  # the release keeps cosine >= 0.98 to fp32
     assert (recipe.validate_.latency.batch_sizes, recipe.validate_.latency.seq_lens) == ([1], [128])
     steps = {name: [s.stage for s in v] for name, v in recipe.variants.items()}
     assert steps == {
