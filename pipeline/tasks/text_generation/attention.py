@@ -238,6 +238,13 @@ def _rotary_attributes(graph: Any, rotary_q: Any, rotary_k: Any, layer: int) -> 
     return attributes[0]
 
 
+def _rotates_itself(node: Any) -> bool:
+    """A GroupQueryAttention node that rotates q and k itself (do_rotary = 1)."""
+    return node.op_type == "GroupQueryAttention" and any(
+        a.name == "do_rotary" and a.i for a in node.attribute
+    )
+
+
 def feed_packed_qkv(model: Any) -> int:
     """A GQA that rotates q and k itself takes the packed q/k/v projection (key and value inputs
     left empty) instead of its Split: one node less per layer. Returns how many GQA nodes changed."""
@@ -250,8 +257,7 @@ def feed_packed_qkv(model: Any) -> int:
     }
     fed = 0
     for node in model.graph.node:
-        rotary = any(a.name == "do_rotary" and a.i == 1 for a in node.attribute)
-        split = splits.get(node.input[0]) if node.op_type == "GroupQueryAttention" and rotary else None
+        split = splits.get(node.input[0]) if _rotates_itself(node) else None
         if split is None or list(node.input[:3]) != list(split.output):
             continue
         if any(consumers[name] != 1 for name in split.output):
@@ -271,15 +277,7 @@ def slot_rotation_reference(model: Any, reference: Any) -> Any | None:
     import numpy as np
     from onnx import numpy_helper
 
-    gqa = next(
-        (
-            node
-            for node in model.graph.node
-            if node.op_type == "GroupQueryAttention"
-            and any(a.name == "do_rotary" and a.i for a in node.attribute)
-        ),
-        None,
-    )
+    gqa = next((node for node in model.graph.node if _rotates_itself(node)), None)
     if gqa is None:
         return None
     by_name = {init.name: init for init in model.graph.initializer}
@@ -303,8 +301,9 @@ def slot_rotation_reference(model: Any, reference: Any) -> Any | None:
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = np.asarray(feeds["attention_mask"]).astype(bool)
         pads = (~mask).sum(axis=1)
-        if not all(row[pad:].all() for row, pad in zip(mask, pads, strict=True)):
-            raise ValueError("slot_rotation_reference: the attention mask is not left padding")
+        holes = [b for b, (row, pad) in enumerate(zip(mask, pads, strict=True)) if not row[pad:].all()]
+        if holes:
+            raise ValueError(f"slot_rotation_reference: attention_mask row {holes[0]} is not left padding")
         feeds = {
             name: rotate(value, -pads)
             if name.startswith("past_key_values.") and name.endswith(".key")
