@@ -31,7 +31,9 @@ def smollm2_run(tmp_path_factory):
     args = ["run", str(ROOT / "recipes" / "smollm2-135m.yaml"), "--exported", str(exported)]
     for override in (
         "data.eval.limit=6",
-        "variants={fused: [{optimize: {}}], int4-hqq-b32: [{optimize: {}}, {quantize: {mode: "
+        # The recipe's own optimize step (rotary inside GroupQueryAttention) for both variants.
+        "variants={fused: [{optimize: {rotary_in_attention: true}}], int4-hqq-b32: "
+        "[{optimize: {rotary_in_attention: true}}, {quantize: {mode: "
         "weight_only_int4, int4_algorithm: hqq, accuracy_level: 4, quantize_lm_head: true, "
         "lm_head_bits: 8}}]}",
         "validate.generation={prompts: 4, new_tokens: 16}",
@@ -49,9 +51,13 @@ def test_fp32_export_is_faithful_and_int4_is_close(smollm2_run):
     base = report["baseline"]["metric"]
     fused, int4 = report["variants"]["fused"], report["variants"]["int4-hqq-b32"]
     assert 5 < base < 200  # a real LLM on news text
-    # GroupQueryAttention in every layer, and still PyTorch's perplexity within 0.1%.
+    # GroupQueryAttention in every layer, rotating q/k itself from the packed projection (no
+    # RotaryEmbedding node left), and still PyTorch's perplexity within 0.1%.
     optimize = json.loads((smollm2_run / "fused" / "optimize" / "manifest.json").read_text())["metrics"]
-    assert optimize["attention_rewrite"]["GroupQueryAttention"] == 30
+    rewrite = optimize["attention_rewrite"]
+    assert rewrite["GroupQueryAttention"] == 30 and rewrite["rotary_in_attention"] is True
+    assert rewrite["packed_qkv_into_attention"] == 30 and optimize["fused_ops"]["RotaryEmbedding"] == 0
+    assert optimize["parity"]["max_abs_diff"] <= optimize["parity"]["atol"]
     assert abs(fused["metric"] - base) / base < 1e-3
     assert fused["agreement"] == 1.0  # greedy generation identical to generate()
     # HQQ on a model whose weights sit on a 4-bit grid: within 3% (measured -0.02% on 4,096 tokens).
