@@ -89,16 +89,16 @@ def integer_zero_points(model: Any, accuracy_level: int | None) -> int:
     ONNX Runtime's CPU MatMulNBits has its fast int8-compute kernel only for packed integer zero
     points; with float ones it dequantizes the weights at every call (SmolLM2-135M, decode at past
     256, one interleaved run, before GroupQueryAttention: 257 ms with HQQ's float zero points, 66 ms
-    after this rewrite with accuracy_level 4, RTN 65 ms). A block's dequantized weight is (q - z) * s with z float. Splitting
-    z = round(z) + (z - round(z)) keeps the integer part in the node and moves the rest into a
-    correction that is exact: x @ W = MatMulNBits(x; q, s, round(z)) + blocksum(x) @ C, where
-    blocksum(x)[b] sums x over block b (a MatMul with a 0/1 matrix of K x K/block_size) and
-    C[b, n] = (round(z) - z)[n, b] * s[n, b]. The two small MatMuls read K/block_size x N floats,
-    a fifth of the packed weights' bytes at block 32. Their cost is mostly per node, not bytes:
-    with the GQA graph (4-bit LM head, past 256) the 363 extra nodes took 6.5 of 24.6 ms of kernel
-    time per step, decode 14.22 vs 11.70 ms for RTN (19.06 vs 15.63 in a slower phase); block sums
-    by Reshape + ReduceSum instead of the 0/1 MatMul were no faster (19.55). Returns how many nodes
-    were rewritten.
+    after this rewrite with accuracy_level 4, RTN 65 ms). A block's dequantized weight is
+    (q - z) * s with z float. Splitting z = round(z) + (z - round(z)) keeps the integer part in the
+    node and moves the rest into a correction that is exact:
+    x @ W = MatMulNBits(x; q, s, round(z)) + blocksum(x) @ C, where blocksum(x)[b] sums x over
+    block b (a MatMul with a 0/1 matrix of K x K/block_size) and C[b, n] = (round(z) - z)[n, b] *
+    s[n, b]. The two small MatMuls read K/block_size x N floats, a fifth of the packed weights'
+    bytes at block 32. Their cost is mostly per node, not bytes: with the GQA graph (4-bit LM
+    head, past 256) the 363 extra nodes took 6.5 of 24.6 ms of kernel time per step, decode 14.22
+    vs 11.70 ms for RTN (19.06 vs 15.63 in a slower phase); block sums by Reshape + ReduceSum
+    instead of the 0/1 MatMul were no faster (19.55). Returns how many nodes were rewritten.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
