@@ -261,8 +261,7 @@ class Task:
         """The task's own attention fusion on ORT's fused graph `proto`, in place (config: the
         model's config.json; required: the recipe's switch, None = where it applies;
         rotary_in_attention: the attention op rotates q/k itself, with the same tri-state). Returns
-        what was done:
-        {"applied": bool, ...}."""
+        what was done: {"applied": bool, ...}."""
         return {"applied": False, "reason": f"no attention rewrite of its own for {self.name}"}
 
     def fused_reference(self, proto: Any, reference: Any) -> Any:
