@@ -1,4 +1,4 @@
-"""Calibration data for static quantization: real examples, tokenised like the model's inputs.
+"""Calibration data for static quantization and GPTQ: real examples, tokenised like the model's inputs.
 
 The examples come from the recipe's calibration split (drawn with its seed by the data layer) and
 are fed one per batch, unpadded, in that order, so a calibration run is reproducible: the same
@@ -76,16 +76,38 @@ def calibration_feeds(
     from pipeline.tasks.base import load_tokenizer
 
     if not examples:
-        raise InputError("data.calibration: no calibration examples (static quantization needs real data)")
+        raise InputError(
+            "data.calibration: no calibration examples (static quantization and GPTQ need real data)"
+        )
     texts = [getattr(example, "text", None) for example in examples]
     texts = [text for text in texts if isinstance(text, str) and text.strip()]
     if not texts:
         raise InputError(
             f"data.calibration: all {len(examples)} calibration examples have empty text "
-            "(static quantization needs real data)"
+            "(static quantization and GPTQ need real data)"
         )
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    return encode_texts(texts, tokenizer, model_input_specs(model_path), max_length)
+    specs = model_input_specs(model_path)
+    if any(name.startswith("past_key_values.") for name in specs):
+        return decoder_prompt_feeds(texts, tokenizer, model_path, max_length)
+    return encode_texts(texts, tokenizer, specs, max_length)
+
+
+def decoder_prompt_feeds(
+    texts: Sequence[str], tokenizer: Any, model_path: Path, max_length: int
+) -> list[dict[str, np.ndarray]]:
+    """A KV-cache decoder's prompt step per text (batch 1, no padding, empty past), truncated to
+    `max_length` tokens: what GPTQ's Hessians are collected from."""
+    from pipeline.onnx.session import open_session
+    from pipeline.tasks.text_generation.io import DecoderIO
+
+    io = DecoderIO.from_session(open_session(model_path), label=str(model_path))
+    feeds = []
+    for text in texts:
+        ids = np.asarray(tokenizer(text, truncation=True, max_length=max_length)["input_ids"], np.int64)
+        ids = ids[None, :]
+        feeds.append(io.feeds(ids, np.ones_like(ids), io.empty_past(1)))
+    return feeds
 
 
 def make_reader(feeds: list[dict[str, np.ndarray]], description: str = "calibration") -> Any:

@@ -4,7 +4,8 @@ Algorithms offered without calibration data: RTN (round to nearest, `DefaultWeig
 4 or 8 bits) and HQQ (`HQQWeightOnlyQuantConfig`, half-quadratic optimisation of scales and zero
 points, 4 bits). HQQ's float zero points are rewritten into integer ones plus an exact correction
 (`integer_zero_points`), which puts HQQ on ONNX Runtime's fast CPU kernel. With Gather in
-`op_types` the embedding becomes GatherBlockQuantized (RTN only).
+`op_types` the embedding becomes GatherBlockQuantized (RTN only). GPTQ (pipeline.quantization.gptq,
+with calibration data) starts from RTN's graph here and re-rounds its weights afterwards.
 """
 
 from __future__ import annotations

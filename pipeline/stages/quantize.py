@@ -21,10 +21,14 @@ from pipeline.errors import InputError
 from pipeline.stages.registry import StageContext, stage
 
 
+def _reads_calibration(config: QuantizeConfig) -> bool:
+    return config.mode == "static" or (config.mode == "weight_only_int4" and config.int4_algorithm == "gptq")
+
+
 def _splits_read(config: QuantizeConfig) -> tuple[str, ...]:
-    """Calibration data is read by static quantization only (a dynamic or INT4 variant does not
-    re-run when it changes); the tune split, when the recipe has one, scores every result."""
-    return ("calibration", "tune") if config.mode == "static" else ("tune",)
+    """Calibration data is read by static quantization and GPTQ only (a dynamic or RTN variant does
+    not re-run when it changes); the tune split, when the recipe has one, scores every result."""
+    return ("calibration", "tune") if _reads_calibration(config) else ("tune",)
 
 
 def _sections_read(config: QuantizeConfig) -> tuple[str, ...]:
@@ -112,6 +116,12 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
         if config.mode in WEIGHT_ONLY:
             from pipeline.quantization.nbits import quantize_nbits
 
+            if config.int4_algorithm == "gptq" and not ctx.data.has("calibration"):
+                raise InputError(
+                    "quantize.int4_algorithm: gptq needs data.calibration (the text its Hessians are "
+                    "collected from; disjoint from eval)"
+                )
+
             bits = 4 if config.mode == "weight_only_int4" else 8
             level = config.accuracy_level if config.accuracy_level is not None or bits == 4 else 4
             head = policy.notes.get("lm_head", {}).get("node")
@@ -146,6 +156,20 @@ def quantize(ctx: StageContext) -> dict[str, Any]:
                     **nbits_args,
                 )
                 written = with_head
+            if config.int4_algorithm == "gptq":
+                from pipeline.quantization.calibration import calibration_feeds
+                from pipeline.quantization.gptq import apply_gptq
+
+                feeds = calibration_feeds(
+                    ctx.data.get("calibration"),
+                    ctx.input_dir,
+                    prepared,
+                    ctx.model.max_length,
+                    ctx.model.trust_remote_code,
+                )
+                metrics["settings"]["gptq"] = apply_gptq(
+                    written, prepared, feeds, damp=config.gptq_damp, external=external, work=work, log=ctx.log
+                )
             metrics["settings"]["lm_head_bits"] = head_bits or (bits if config.quantize_lm_head else None)
             metrics["auto_exclusion"] = None
         else:
