@@ -93,7 +93,7 @@ class DataConfig(StrictModel):
     )
     calibration: SourceOrSample = Field(
         default_factory=lambda: SampleSpec(from_split="train", samples=128, seed=0),
-        description="Static quantization calibration data: its own source, or {from: train|tune, "
+        description="Calibration data of static INT8 and GPTQ: its own source, or {from: train|tune, "
         "samples, seed} (default: 128 examples of train, seed 0). Disjoint from eval.",
     )
     allow_overlap: bool = Field(
