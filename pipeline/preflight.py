@@ -49,6 +49,7 @@ def preflight(recipe: Recipe, source_dir: Path, data: Any, task: Any) -> list[st
             if data.has(split):
                 task.check_labels(id2label, data.get(split), where=f"data.{split}")
     _check_steps(recipe, model_type)
+    _check_calibration(recipe, data)
     if recipe.finetune is not None and not data.has("tune") and data.has("eval"):
         overlaps.append(
             "the fine-tune kept its best epoch by its score on data.eval (the recipe has no data.tune): "
@@ -101,6 +102,23 @@ def _check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
             f"validate.latency.seq_lens: {longest_timed} exceeds the model's max_position_embeddings "
             f"{positions}"
         )
+
+
+def _check_calibration(recipe: Recipe, data: Any) -> None:
+    """Static INT8 and GPTQ calibrate on data.calibration: a recipe without it (a decoder recipe has
+    no train split to draw the default from) stops here, not after its export ran."""
+    if data.has("calibration"):
+        return
+    for name, steps in recipe.variants.items():
+        for index, step in enumerate(steps):
+            if step.stage != "quantize":
+                continue
+            if step.config.get("mode") == "static" or step.config.get("int4_algorithm") == "gptq":
+                what = "static" if step.config.get("mode") == "static" else "gptq"
+                raise RecipeError(
+                    f"variants.{name}.{index}.quantize: {what} calibrates on data.calibration, which "
+                    "this recipe lacks (give it its own source, or a train split to draw from)"
+                )
 
 
 def _check_steps(recipe: Recipe, model_type: str | None) -> None:

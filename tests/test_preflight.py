@@ -70,6 +70,10 @@ CASES = {
         "validate.latency.seq_lens: 128 exceeds the model's max_position_embeddings 64",
     ),
     "tune overlapping eval": ({"data.tune": "eval"}, "data.tune and data.eval share"),
+    "static INT8 with no calibration data": (
+        {"data.train": None, "variants": {"s": [{"quantize": {"mode": "static"}}]}},
+        "variants.s.0.quantize: static calibrates on data.calibration, which this recipe lacks",
+    ),
 }
 
 
