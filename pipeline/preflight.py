@@ -107,13 +107,13 @@ def _check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
 def _check_calibration(recipe: Recipe, data: Any) -> None:
     """Static INT8 and GPTQ calibrate on data.calibration: a recipe without it (a decoder recipe has
     no train split to draw the default from) stops here, not after its export ran."""
+    from pipeline.config.quantize import QuantizeConfig
+
     if data.has("calibration"):
         return
     for name, steps in recipe.variants.items():
         for index, step in enumerate(steps):
-            if step.stage != "quantize":
-                continue
-            if step.config.get("mode") == "static" or step.config.get("int4_algorithm") == "gptq":
+            if step.stage == "quantize" and QuantizeConfig.model_validate(step.config).reads_calibration():
                 what = "static" if step.config.get("mode") == "static" else "gptq"
                 raise RecipeError(
                     f"variants.{name}.{index}.quantize: {what} calibrates on data.calibration, which "

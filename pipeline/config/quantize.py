@@ -222,6 +222,10 @@ class QuantizeConfig(StrictModel):
             )
         return self
 
+    def reads_calibration(self) -> bool:
+        """Whether this step calibrates on data.calibration (static INT8 ranges, GPTQ's Hessians)."""
+        return self.mode == "static" or self.int4_algorithm == "gptq"
+
     def problem_for_task(self, task: str) -> str | None:
         """Why this config cannot quantize a model of `task` ("field: reason"), or None."""
         if task != "text-generation" and self.quantize_lm_head:

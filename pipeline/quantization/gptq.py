@@ -89,24 +89,23 @@ def gptq_blocks(
 
 
 def input_hessians(
-    model_path: Path, feeds: Sequence[dict[str, np.ndarray]], input_names: Sequence[str], work: Path
+    model: Any, feeds: Sequence[dict[str, np.ndarray]], input_names: Sequence[str], work: Path
 ) -> tuple[dict[str, np.ndarray], int]:
     """{tensor: X^T X summed over the calibration tokens} for `input_names`, and the token count.
 
-    The model is run once per feed with the named tensors added as outputs."""
+    `model` (a ModelProto, fp32) gets the named tensors as extra outputs and is run once per feed
+    from a copy saved under `work`."""
     import onnx
     from onnx import helper
 
     from pipeline.onnx.session import open_session
 
-    model = onnx.load(str(model_path), load_external_data=True)
     present = {output.name for output in model.graph.output}
     for name in input_names:
         if name not in present:
             model.graph.output.append(helper.make_empty_tensor_value_info(name))
     augmented = work / "gptq_inputs.onnx"
     onnx.save_model(model, str(augmented), save_as_external_data=True, location="gptq_inputs.onnx.data")
-    del model
     session = open_session(augmented)
     names = list(input_names)
     sums: dict[str, np.ndarray] = {}
@@ -152,14 +151,17 @@ def apply_gptq(
         if original is None or original.input[1] not in weights:
             raise StageError(f"GPTQ: no fp32 MatMul with a constant weight in {source} for {node.name}")
         targets.append((node, attrs, original))
+    # Read the weights before input_hessians saves `fp32`, which moves its tensors out to a file.
+    arrays = {
+        original.input[1]: numpy_helper.to_array(weights[original.input[1]]) for _, _, original in targets
+    }
     inputs = sorted({original.input[0] for _, _, original in targets})
-    hessians, tokens = input_hessians(source, feeds, inputs, work)
+    hessians, tokens = input_hessians(fp32, feeds, inputs, work)
     collected = time.perf_counter() - started
-    del fp32  # the weights stay referenced through `weights`
 
     for node, attrs, original in targets:
         k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        weight = numpy_helper.to_array(weights[original.input[1]]).astype(np.float32)
+        weight = arrays[original.input[1]].astype(np.float32)
         if weight.shape != (k, n):
             raise StageError(f"GPTQ: {node.name}: weight shape {weight.shape}, expected {(k, n)}")
         levels, scales, zeros = gptq_blocks(

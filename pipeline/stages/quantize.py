@@ -21,14 +21,10 @@ from pipeline.errors import InputError
 from pipeline.stages.registry import StageContext, stage
 
 
-def _reads_calibration(config: QuantizeConfig) -> bool:
-    return config.mode == "static" or (config.mode == "weight_only_int4" and config.int4_algorithm == "gptq")
-
-
 def _splits_read(config: QuantizeConfig) -> tuple[str, ...]:
     """Calibration data is read by static quantization and GPTQ only (a dynamic or RTN variant does
     not re-run when it changes); the tune split, when the recipe has one, scores every result."""
-    return ("calibration", "tune") if _reads_calibration(config) else ("tune",)
+    return ("calibration", "tune") if config.reads_calibration() else ("tune",)
 
 
 def _sections_read(config: QuantizeConfig) -> tuple[str, ...]:
