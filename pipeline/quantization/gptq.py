@@ -57,7 +57,8 @@ def gptq_blocks(
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # float64 only to invert
     except np.linalg.LinAlgError as err:
         raise StageError(
-            f"GPTQ: the calibration Hessian is not positive definite ({err}); raise gptq_damp"
+            f"GPTQ: the calibration Hessian is not positive definite at quantize.gptq_damp {damp} "
+            f"({err}); raise quantize.gptq_damp"
         ) from None
 
     levels = np.zeros((padded, n), np.uint8)
