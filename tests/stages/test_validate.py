@@ -339,3 +339,57 @@ def test_other_tasks_validate(tmp_path_factory, task):
         assert report["baseline"]["metrics"]["cosine_mean"] == pytest.approx(1.0)
         assert fp32["metrics"]["cosine_min"] > 0.9999 and fp32["agreement"] > 0.9999
         assert report["variants"]["int8"]["metrics"]["cosine_mean"] > 0.9
+
+
+@pytest.mark.parametrize(("free_bytes", "workers"), [(10**12, 2), (10, 1)])
+def test_memory_probes_run_two_at_once_only_when_memory_allows(tmp_path, monkeypatch, free_bytes, workers):
+    """Each candidate's probe result lands on that candidate, whether the probes run in parallel
+    (free memory holds two peaks) or one after the other (it does not)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import psutil
+
+    from pipeline.bench import memprobe
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"x" * 100)
+    variants = {}
+    for index, name in enumerate(["a", "b", "c"]):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"x" * (10 + index))
+        variants[name] = (folder, [])
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def fake_probe(kind, path, **_):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return {"delta_bytes": 1000 if kind == "torch" else int(path.stat().st_size)}
+
+    monkeypatch.setattr(memprobe, "measure_peak_memory", fake_probe)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=free_bytes))
+    ctx = SimpleNamespace(
+        input_dir=str(hf),
+        variants=variants,
+        config=SimpleNamespace(latency=SimpleNamespace(threads=1)),
+        task=SimpleNamespace(name="text-generation"),
+    )
+    baseline: dict = {}
+    entries = {name: {"providers": {S.CPU: {}}} for name in variants}
+    labels = {(name, S.CPU): name for name in variants}
+    V._probe_memory(ctx, baseline, entries, labels, (1, 8), 100)
+    assert baseline["peak_rss_bytes"] == 1000
+    assert {n: e["providers"][S.CPU]["peak_rss_bytes"] for n, e in entries.items()} == {
+        "a": 10,
+        "b": 11,
+        "c": 12,
+    }
+    assert most[0] == workers
