@@ -71,6 +71,7 @@ def validate(ctx: StageContext) -> dict[str, Any]:
     from pipeline import manifest as mf
     from pipeline.bench.interference import load_notes
     from pipeline.data import examples_digest
+    from pipeline.onnx.io import model_bytes
     from pipeline.onnx.session import session_options
 
     cfg: ValidateConfig = ctx.config
@@ -85,7 +86,7 @@ def validate(ctx: StageContext) -> dict[str, Any]:
     measured = _measure(ctx, examples)
     for name, entry in measured["variants"].items():
         folder, manifests = ctx.variants[name]
-        entry["size_bytes"] = sum(p.stat().st_size for p in Path(folder).glob("model.onnx*") if p.is_file())
+        entry["size_bytes"] = model_bytes(Path(folder))
         facts = stage_facts(manifests)
         entry["notes"] = entry.get("notes", []) + facts.pop("notes")
         entry.update(facts)
@@ -399,7 +400,7 @@ def _probe_memory(
     from tqdm import tqdm
 
     from pipeline.bench.memprobe import measure_peak_memory
-    from pipeline.onnx.io import model_file
+    from pipeline.onnx.io import model_bytes, model_file
     from pipeline.onnx.session import CPU
 
     probes = [("torch", Path(ctx.input_dir), CPU, baseline)]
@@ -426,7 +427,7 @@ def _probe_memory(
 
     # The probes read the kernel's exact high-water mark (VmHWM), so two at once measure the same;
     # they run two at a time when the machine's free memory holds two of the largest candidate.
-    largest = max(_candidate_bytes(path) for _, path, _, _ in probes)
+    largest = max(baseline["size_bytes"], *(model_bytes(path.parent) for _, path, _, _ in probes[1:]))
     workers = 2 if psutil.virtual_memory().available > 2 * MEMORY_PER_MODEL_BYTE * largest else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         peaks = list(
@@ -434,12 +435,6 @@ def _probe_memory(
         )
     for (_, _, _, target), peak in zip(probes, peaks, strict=True):
         target["peak_rss_bytes"] = peak
-
-
-def _candidate_bytes(path: Path) -> int:
-    """Bytes of a candidate on disk: its model file and external data (or an HF folder's weights)."""
-    folder = path if path.is_dir() else path.parent
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def call_speedups(
