@@ -114,11 +114,16 @@ def input_hessians(
     tokens = 0
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed), strict=True):
-            x = value.reshape(-1, value.shape[-1]).astype(np.float32)
+            x = np.asarray(value.reshape(-1, value.shape[-1]), dtype=np.float32)
+            k = x.shape[1]
+            if name not in sums:
+                sums[name] = np.zeros((k, k), np.float32, order="F")
             # syrk computes only the upper triangle of X^T X: about half of a full matmul's time
             # at K = 1,536 (12 vs 23 ms per 256-token article); x.T is Fortran-ordered, no copy.
-            product = ssyrk(1.0, x.T, trans=0).astype(np.float64)
-            sums[name] = sums[name] + product if name in sums else product
+            # It adds into the running sum in place (beta 1, a Fortran-ordered float32 sum): summing
+            # float64 copies of every product made SmolLM2's collection (32 articles) 48 s, this
+            # 34 s; each product is a float32 sum over the article's tokens anyway.
+            sums[name] = ssyrk(1.0, x.T, beta=1.0, c=sums[name], trans=0, overwrite_c=1)
         tokens += int(np.prod(feed["input_ids"].shape))
     return {name: np.triu(upper) + np.triu(upper, 1).T for name, upper in sums.items()}, tokens
 
