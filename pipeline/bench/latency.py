@@ -25,7 +25,7 @@ def interleaved(
     candidates: Mapping[str, Callable[[], Any]],
     *,
     warmup: int,
-    iters: int,
+    iters: int | Mapping[str, int],
     block: int = 1,
     settle: int = 0,
     progress: Any = None,
@@ -33,24 +33,30 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Time every candidate `iters` times (milliseconds per call), taking turns block by block.
 
-    Warm-up calls are interleaved the same way and not recorded. `settle` untimed calls open every
-    turn: a runtime whose thread pool still spins (or sleeps) after the previous candidate's run
-    would otherwise charge that hand-over to the first timed call. The garbage collector is paused
-    while timing (as timeit does). `progress` (a tqdm bar or None) is advanced by one per timed call.
+    `iters` may also name each candidate's own count: one with fewer runs than the most takes
+    smaller turns (`turn_block`) in the same rounds, so its runs still spread over the whole
+    measurement rather than bunching at its start. Warm-up calls are interleaved the same way and
+    not recorded. `settle` untimed calls open every turn: a runtime whose thread pool still spins
+    (or sleeps) after the previous candidate's run would otherwise charge that hand-over to the
+    first timed call. The garbage collector is paused while timing (as timeit does). `progress` (a
+    tqdm bar or None) is advanced by one per timed call.
     """
     if not candidates:
         return {}
-    if iters < 1 or warmup < 0 or block < 1 or settle < 0:
+    names = list(candidates)
+    counts = {name: iters[name] if isinstance(iters, Mapping) else iters for name in names}
+    if min(counts.values()) < 1 or warmup < 0 or block < 1 or settle < 0:
         raise ValueError(
             f"interleaved: need iters >= 1, warmup >= 0, block >= 1, settle >= 0 "
             f"(got {iters}, {warmup}, {block}, {settle})"
         )
-    names = list(candidates)
     for _ in range(warmup):
         for name in names:
             candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    rounds = math.ceil(iters / block)
+    most = max(counts.values())
+    rounds = math.ceil(most / block)
+    blocks = {name: turn_block(counts[name], most, block) for name in names}
     gc.collect()
     collecting = gc.isenabled()
     gc.disable()  # like timeit: no collector pauses inside timed calls
@@ -58,10 +64,12 @@ def interleaved(
         for index in range(rounds):
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
+                runs = min(blocks[name], counts[name] - len(times[name]))
+                if runs <= 0:
+                    continue
                 fn = candidates[name]
                 for _ in range(settle):
                     fn()
-                runs = min(block, iters - len(times[name]))
                 for _ in range(runs):
                     started = clock()
                     fn()
@@ -72,6 +80,15 @@ def interleaved(
         if collecting:
             gc.enable()
     return times
+
+
+def turn_block(count: int, most: int, block: int) -> int:
+    """The turn size of a candidate timed `count` times where the most-timed one runs `most` times
+    in turns of `block`: `block` for the most-timed, and for one timed fewer times the size that
+    spreads its runs over the same number of turns (the turns its statistics resample)."""
+    if count >= most:
+        return block
+    return math.ceil(count / math.ceil(most / block))
 
 
 def summarize(times_ms: Sequence[float], batch: int) -> dict[str, float]:
@@ -112,6 +129,7 @@ def time_shapes(
     iters: int,
     block: int,
     settle: int,
+    runs_of: Callable[[int], Mapping[str, int]] | None = None,
     progress: Any = None,
     on_shape: Callable[[str, dict[str, dict[str, list[float]]]], None] | None = None,
     on_retry: Callable[[str, int, list[str]], None] | None = None,
@@ -123,7 +141,9 @@ def time_shapes(
     timing is: ({runner: {shape key: {call: ms}}}, {shape key: quality record}).
 
     `calls_of(runner, batch, seq)` gives the runner's timed calls at one shape ("" for a plain
-    forward; a decoder has "prefill" and "decode"). All calls of all runners at one shape take
+    forward; a decoder has "prefill" and "decode"); `runs_of(seq)` names the calls timed fewer
+    than `iters` times at that sequence length ({call: runs}; a decoder's 10x costlier prefill),
+    in turns of `turn_block` runs. All calls of all runners at one shape take
     turns in one `interleaved` round robin, so a drift in background load hits them alike. A round
     disturbed by other CPU work, a dispersion jump, or (across shapes) an implausible ordering is
     timed again, up to `max_rounds` rounds per shape; the quality record says what was seen. When
@@ -146,15 +166,23 @@ def time_shapes(
             for name, runner in runners.items()
             for call, fn in calls_of(runner, batch, seq).items()
         }
+        fewer = runs_of(seq) if runs_of is not None else {}
+        counts = {label: min(iters, fewer.get(label.split("\x00")[1], iters)) for label in calls}
+        most = max(counts.values(), default=iters)
         with CpuMonitor() as cpu:
             measured = interleaved(
-                calls, warmup=warmup, iters=iters, block=block, settle=settle, progress=progress
+                calls, warmup=warmup, iters=counts, block=block, settle=settle, progress=progress
             )
         for label, ms in measured.items():
             name, call = label.split("\x00")
             times[name].setdefault(key, {})[call] = ms
+        # Only calls timed in full turns judge the round: a call timed fewer times has fewer runs
+        # a turn, whose medians spread by chance alone (SmolLM2's fp32 prefill in turns of 2:
+        # 1.57x on a quiet machine), and any disturbance shows in the full turns beside them.
         spreads = {
-            label.replace("\x00", ":").rstrip(":"): turn_spread(ms, block) for label, ms in measured.items()
+            label.replace("\x00", ":").rstrip(":"): turn_spread(ms, block)
+            for label, ms in measured.items()
+            if counts[label] == most
         }
         reasons = disturbed(cpu, spreads, max_other_cpu=max_other_cpu, max_turn_spread=max_turn_spread)
         quality[key] = quality_record(cpu, round_index, reasons, max_other_cpu=max_other_cpu)

@@ -21,6 +21,14 @@ class LatencyConfig(StrictModel):
         "prefill costs 10x a decode step: timing prefill at 128 and decode at 128 and 256 saved most "
         "of SmolLM2's timing time.",
     )
+    prefill_iters: int | None = Field(
+        None,
+        ge=1,
+        description="text-generation: timed prefill runs per candidate and shape, where fewer than "
+        "`iters` (None = iters). They spread over the same turns as the decode step's runs (smaller "
+        "turns), so the prefill sees the same quiet and busy moments. A 128-token prefill of SmolLM2 "
+        "costs 10-20 decode steps: at iters 20 it was most of the timing time.",
+    )
     warmup: int = Field(
         5, ge=0, description="Untimed runs of each candidate before timing (interleaved too)."
     )
@@ -76,6 +84,8 @@ class LatencyConfig(StrictModel):
         extra = sorted(set(self.prefill_seq_lens or []) - set(self.seq_lens))
         if extra:
             raise ValueError(f"prefill_seq_lens {extra} are not in seq_lens {self.seq_lens}")
+        if self.prefill_iters is not None and self.prefill_iters > self.iters:
+            raise ValueError(f"prefill_iters {self.prefill_iters} is more than iters {self.iters}")
         return self
 
     @field_validator("batch_sizes", "seq_lens")

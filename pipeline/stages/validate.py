@@ -252,8 +252,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
                 variants[name] = entry
 
         load_before = load_average()
-        calls_per_shape = sum(task.timed_call_count(s, lat) for _, s in shapes)
-        total = lat.iters * len(runners) * calls_per_shape
+        total = len(runners) * sum(sum(task.timed_runs(s, lat).values()) for _, s in shapes)
 
         def log_shape(key: str, times: dict[str, dict[str, list[float]]]) -> None:
             p50s = {
@@ -279,6 +278,7 @@ def _measure(ctx: StageContext, examples: list[Any]) -> dict[str, Any]:
                 iters=lat.iters,
                 block=lat.block,
                 settle=lat.settle,
+                runs_of=lambda seq: task.timed_runs(seq, lat),
                 progress=bar,
                 on_shape=log_shape,
                 on_retry=log_retry,

@@ -291,10 +291,10 @@ class Task:
         default every one of timing_calls."""
         return self.timing_calls(runner, batch, seq, vocab_size)
 
-    def timed_call_count(self, seq: int, latency: Any) -> int:
-        """How many calls timed_calls gives at sequence length `seq` (a progress bar's total),
-        without building them."""
-        return 1
+    def timed_runs(self, seq: int, latency: Any) -> dict[str, int]:
+        """{call name: timed runs per candidate} of timed_calls at sequence length `seq`, without
+        building them (the timing loop's counts and its progress bar's total)."""
+        return {"": latency.iters}
 
     def timing_batches(self, batch_sizes: Sequence[int]) -> list[int]:
         """The batch sizes this task is timed at."""

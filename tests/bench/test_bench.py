@@ -59,6 +59,21 @@ def test_interleaved_blocks_and_progress():
         interleaved(candidates, warmup=0, iters=0)
 
 
+def test_fewer_runs_spread_over_the_same_turns():
+    calls: list[str] = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    # a: 6 runs in turns of 3 (2 rounds); b: 3 runs, so turns of 2 then 1, one per round.
+    times = interleaved(candidates, warmup=0, iters={"a": 6, "b": 3}, block=3, settle=1)
+    assert calls == list("aaaa" + "bbb" + "bb" + "aaaa")  # a settle call opens each turn
+    assert len(times["a"]) == 6 and len(times["b"]) == 3
+    # A candidate whose runs are done takes no turn (and no settle call) in later rounds.
+    calls.clear()
+    interleaved(candidates, warmup=0, iters={"a": 6, "b": 1}, block=2)
+    assert calls == list("aab" + "aa" + "aa")
+    with pytest.raises(ValueError):
+        interleaved(candidates, warmup=0, iters={"a": 2, "b": 0})
+
+
 def test_settle_runs_open_every_turn_untimed():
     calls: list[str] = []
     ticks = iter(range(1000))

@@ -137,3 +137,42 @@ def test_a_repeated_spread_of_the_same_candidate_is_not_timed_a_third_time(
         max_turn_spread=1.5,
     )
     assert quality["b1_s8"]["rounds"] == rounds
+
+
+@pytest.mark.parametrize(("jumpy_call", "rounds"), [("prefill", 1), ("decode", 2)])
+def test_only_calls_timed_in_full_turns_judge_a_round(monkeypatch, jumpy_call, rounds):
+    """A call timed fewer times (runs_of: a decoder's prefill) takes smaller turns in the same
+    rounds; their medians spread by chance alone, so only the full-turn calls can send a round
+    back (the prefill's spread alone does not; the decode step's does)."""
+    import pipeline.bench.interference as interference
+    import pipeline.bench.stats as stats
+    from pipeline.bench import time_shapes
+
+    class QuietMonitor:
+        other_cores, steal_cores = 0.0, 0.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    # Only the jumpy call's runs spread (2 runs = the prefill's count, 4 = the decode step's).
+    runs_of_jumpy = 2 if jumpy_call == "prefill" else 4
+    monkeypatch.setattr(interference, "CpuMonitor", QuietMonitor)
+    monkeypatch.setattr(stats, "turn_spread", lambda ms, block: 3.0 if len(ms) == runs_of_jumpy else 1.0)
+    times, quality = time_shapes(
+        {"a": None},
+        [(1, 8)],
+        lambda runner, batch, seq: {"prefill": lambda: None, "decode": lambda: None},
+        warmup=0,
+        iters=4,
+        block=2,
+        settle=0,
+        runs_of=lambda seq: {"prefill": 2},
+        max_rounds=3,
+        max_other_cpu=0.25,
+        max_turn_spread=1.5,
+    )
+    assert quality["b1_s8"]["rounds"] == rounds
+    assert len(times["a"]["b1_s8"]["prefill"]) == 2 and len(times["a"]["b1_s8"]["decode"]) == 4

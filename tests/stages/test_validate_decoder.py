@@ -28,7 +28,9 @@ def decoder_run(tmp_path_factory):
                     "seq_lens": [8, 16],
                     "prefill_seq_lens": [8],  # a decode step at both, the prefill at 8 only
                     "warmup": 0,
-                    "iters": 2,
+                    "iters": 4,
+                    "prefill_iters": 2,  # spread over the decode step's two turns of 2
+                    "block": 2,
                     "threads": 1,
                     "max_other_cpu": 64.0,
                     "max_turn_spread": 1000.0,
@@ -55,6 +57,7 @@ def test_decoder_report(decoder_run):
         and fp32["latency"]["b1_s8"]["p99_ms"] >= fp32["latency"]["b1_s8"]["p50_ms"]
     )
     assert fp32["latency"]["b1_s8"]["prefill_ms_p50"] > 0
+    assert fp32["latency"]["b1_s8"]["iters"] == 4 and fp32["latency"]["b1_s8"]["prefill_iters"] == 2
     assert fp32["latency"]["b1_s16"]["prefill_ms_p50"] is None and fp32["latency"]["b1_s16"]["p50_ms"] > 0
     assert set(fp32["prefill_speedup_vs_pytorch"]) == {"b1_s8"}
     assert fp32["speedup_vs_pytorch"]["b1_s8"] > 0
@@ -98,3 +101,7 @@ def test_prefill_seq_lens_must_be_timed_shapes_of_a_decoder():
         recipe_from_dict(recipe("text-generation", {"seq_lens": [128, 256], "prefill_seq_lens": [64]}))
     with pytest.raises(RecipeError, match="prefill_seq_lens: applies to text-generation models only"):
         recipe_from_dict(recipe("token-classification", {"seq_lens": [64], "prefill_seq_lens": [64]}))
+    with pytest.raises(RecipeError, match="prefill_iters 30 is more than iters 20"):
+        recipe_from_dict(recipe("text-generation", {"iters": 20, "prefill_iters": 30}))
+    with pytest.raises(RecipeError, match="prefill_iters: applies to text-generation models only"):
+        recipe_from_dict(recipe("token-classification", {"iters": 20, "prefill_iters": 10}))

@@ -186,8 +186,11 @@ class TextGeneration(Task):
             del calls["prefill"]
         return calls
 
-    def timed_call_count(self, seq: int, latency: Any) -> int:
-        return 2 if _times_prefill(seq, latency) else 1
+    def timed_runs(self, seq: int, latency: Any) -> dict[str, int]:
+        runs = {"decode": latency.iters}
+        if _times_prefill(seq, latency):
+            runs["prefill"] = latency.prefill_iters or latency.iters
+        return runs
 
     def latency_entry(self, stats: dict[str, dict[str, Any]], batch: int, seq: int) -> dict[str, Any]:
         decode, prefill = stats["decode"], stats.get("prefill")  # no prefill: not timed at this seq
@@ -197,6 +200,7 @@ class TextGeneration(Task):
             "throughput_per_s": round(1e3 / decode["p50_ms"], 3) if decode["p50_ms"] else None,
             "prefill_ms_p50": p50,
             "prefill_ms_p90": prefill["p90_ms"] if prefill else None,
+            "prefill_iters": prefill["iters"] if prefill else None,
             "prompt_tokens_per_s": round(seq * 1e3 / p50, 3) if p50 else None,
         }
 
