@@ -133,11 +133,13 @@ def machine_line(report: dict[str, Any]) -> str:
     flags = [k for k, v in (machine.get("flags") or {}).items() if v]
     settings = report.get("settings", {})
     lat = settings.get("latency", {})
+    prefill = f" ({lat['prefill_iters']} of the prefill)" if lat.get("prefill_iters") else ""
     return (
         f"{machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores; "
         f"{', '.join(flags) or 'no INT8 flags'}), "
         f"onnxruntime {machine.get('ort_version', '?')}; {lat.get('threads', '?')} thread(s), "
-        f"warm-up {lat.get('warmup', '?')}, {lat.get('iters', '?')} timed runs per shape, interleaved"
+        f"warm-up {lat.get('warmup', '?')}, {lat.get('iters', '?')} timed runs per shape{prefill}, "
+        "interleaved"
     )
 
 

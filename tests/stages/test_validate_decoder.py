@@ -63,7 +63,9 @@ def test_decoder_report(decoder_run):
     assert fp32["speedup_vs_pytorch"]["b1_s8"] > 0
     assert report["release"]["variant"] == "fp32"
     assert any("random weights" in note for note in report["notes"])
-    assert "| fp32 (released) |" in re.sub(" +", " ", (decoder_run["out"] / "report.md").read_text())
+    markdown = (decoder_run["out"] / "report.md").read_text()
+    assert "| fp32 (released) |" in re.sub(" +", " ", markdown)
+    assert "4 timed runs per shape (2 of the prefill), interleaved" in markdown
 
 
 def test_decoder_release_verifies(decoder_run, tmp_path):
