@@ -140,14 +140,14 @@ def time_shapes(
     """Milliseconds of every runner's timed calls at every shape, and how trustworthy each shape's
     timing is: ({runner: {shape key: {call: ms}}}, {shape key: quality record}).
 
-    `calls_of(runner, batch, seq)` gives the runner's timed calls at one shape ("" for a plain
-    forward; a decoder has "prefill" and "decode"); `runs_of(seq)` names the calls timed fewer
-    than `iters` times at that sequence length ({call: runs}; a decoder's 10x costlier prefill),
-    in turns of `turn_block` runs. All calls of all runners at one shape take
-    turns in one `interleaved` round robin, so a drift in background load hits them alike. A round
-    disturbed by other CPU work, a dispersion jump, or (across shapes) an implausible ordering is
-    timed again, up to `max_rounds` rounds per shape; the quality record says what was seen. When
-    the only complaint repeats, the same candidates' turns spreading again on an otherwise quiet
+    `calls_of(runner, batch, seq)` gives the runner's timed calls at one shape ("" for a plain forward;
+    a decoder has "prefill" and "decode"); `runs_of(seq)` gives their timed runs at that sequence length
+    ({call: runs}, at most `iters`; a call it does not name runs `iters` times): a call timed fewer
+    times (a decoder's 10x costlier prefill) takes turns of `turn_block` runs. All calls of all runners
+    at one shape take turns in one `interleaved` round robin, so a drift in background load hits them
+    alike. A round disturbed by other CPU work, a dispersion jump, or (across shapes) an implausible
+    ordering is timed again, up to `max_rounds` rounds per shape; the quality record says what was seen.
+    When the only complaint repeats, the same candidates' turns spreading again on an otherwise quiet
     machine, that spread is the candidates' own (measured: a SmolLM2 INT8 decode step spread 1.6x in
     every round): the shape is not timed a third time, and the spread stays in the record.
     """
@@ -161,13 +161,13 @@ def time_shapes(
         """Why the round cannot be trusted, and the candidates whose turns spread (None: other
         processes were busy, so any spread may be theirs)."""
         key = shape_key(batch, seq)
-        calls = {
-            f"{name}\x00{call}": fn
-            for name, runner in runners.items()
-            for call, fn in calls_of(runner, batch, seq).items()
-        }
-        fewer = runs_of(seq) if runs_of is not None else {}
-        counts = {label: min(iters, fewer.get(label.split("\x00")[1], iters)) for label in calls}
+        runs = runs_of(seq) if runs_of is not None else {}
+        calls: dict[str, Callable[[], Any]] = {}
+        counts: dict[str, int] = {}
+        for name, runner in runners.items():
+            for call, fn in calls_of(runner, batch, seq).items():
+                calls[f"{name}\x00{call}"] = fn
+                counts[f"{name}\x00{call}"] = min(iters, runs.get(call, iters))
         most = max(counts.values(), default=iters)
         with CpuMonitor() as cpu:
             measured = interleaved(

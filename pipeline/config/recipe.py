@@ -128,10 +128,9 @@ class Recipe(StrictModel):
             )
         if self.export.parity.past_lens is not None and self.model.task != "text-generation":
             raise ValueError("export.parity.past_lens: applies to text-generation models only")
-        if self.validate_.latency.prefill_seq_lens is not None and self.model.task != "text-generation":
-            raise ValueError("validate.latency.prefill_seq_lens: applies to text-generation models only")
-        if self.validate_.latency.prefill_iters is not None and self.model.task != "text-generation":
-            raise ValueError("validate.latency.prefill_iters: applies to text-generation models only")
+        for field in ("prefill_seq_lens", "prefill_iters"):  # a decoder's prefill timing
+            if getattr(self.validate_.latency, field) is not None and self.model.task != "text-generation":
+                raise ValueError(f"validate.latency.{field}: applies to text-generation models only")
         if needs_train and self.data.train is None:
             raise ValueError("data.train: required by finetune / pruning recovery, but missing")
         gates = self.gates
